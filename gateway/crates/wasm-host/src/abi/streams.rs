@@ -1,0 +1,125 @@
+//! Stream control: continue, close, local replies, `proxy_get_status`. All deferred until the
+//! current callback returns.
+
+use http::StatusCode;
+use wasmtime::{Caller, Linker};
+
+use super::started;
+use crate::headers;
+use crate::memory::{self, HostResult, finish};
+use crate::state::HostState;
+use crate::stream::LocalReply;
+use crate::types::Status;
+
+fn continue_stream(c: &mut Caller<'_, HostState>, which: i32) -> HostResult {
+    started(c)?;
+    let s = c.data_mut().stream_mut().ok_or(Status::NotFound)?;
+    match which {
+        0 => s.actions.continue_request = true,
+        1 => s.actions.continue_response = true,
+        // Downstream/upstream (TCP) streams do not exist in an HTTP filter.
+        2 | 3 => return Err(Status::NotFound.into()),
+        _ => return Err(Status::BadArgument.into()),
+    }
+    Ok(())
+}
+
+fn close_stream(c: &mut Caller<'_, HostState>, which: i32) -> HostResult {
+    started(c)?;
+    let s = c.data_mut().stream_mut().ok_or(Status::NotFound)?;
+    match which {
+        0 | 1 => s.actions.close = true,
+        2 | 3 => return Err(Status::NotFound.into()),
+        _ => return Err(Status::BadArgument.into()),
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn send_local_response(
+    c: &mut Caller<'_, HostState>,
+    code: i32,
+    dp: i32,
+    dl: i32,
+    bp: i32,
+    bl: i32,
+    hp: i32,
+    hl: i32,
+    grpc: i32,
+) -> HostResult {
+    started(c)?;
+    let details = memory::read_string(c, dp, dl)?;
+    let body = memory::read(c, bp, bl)?;
+    let raw = memory::read(c, hp, hl)?;
+    let pairs = headers::deserialize(&raw)?;
+    let status = u16::try_from(code)
+        .ok()
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(Status::BadArgument)?;
+    let mut map = http::HeaderMap::with_capacity(pairs.len());
+    for (k, v) in &pairs {
+        if k.starts_with(b":") {
+            continue;
+        }
+        map.append(headers::name(k)?, headers::value(v)?);
+    }
+    let s = c.data_mut().stream_mut().ok_or(Status::BadArgument)?;
+    if s.local_reply_sent {
+        // Envoy sends one local reply per stream; a second one (e.g. from the response
+        // callbacks that run on the first) is ignored.
+        tracing::debug!("wasm filter sent a second local reply; ignored");
+        return Ok(());
+    }
+    s.actions.local_reply = Some(LocalReply {
+        status,
+        headers: map,
+        body: body.into(),
+        details,
+        grpc_status: u32::try_from(grpc).ok(),
+    });
+    Ok(())
+}
+
+fn get_status(c: &mut Caller<'_, HostState>, rc: i32, rp: i32, rl: i32) -> HostResult {
+    started(c)?;
+    let (code, msg) = c.data().last_status.clone();
+    memory::check(c, rc, 4)?;
+    memory::return_bytes(c, &msg, rp, rl)?;
+    memory::write_u32(c, rc, code)
+}
+
+pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.func_wrap(
+        "env",
+        "proxy_continue_stream",
+        |mut c: Caller<'_, HostState>, which: i32| finish(continue_stream(&mut c, which)),
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_close_stream",
+        |mut c: Caller<'_, HostState>, which: i32| finish(close_stream(&mut c, which)),
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_send_local_response",
+        |mut c: Caller<'_, HostState>,
+         code: i32,
+         dp: i32,
+         dl: i32,
+         bp: i32,
+         bl: i32,
+         hp: i32,
+         hl: i32,
+         grpc: i32| {
+            finish(send_local_response(&mut c, code, dp, dl, bp, bl, hp, hl, grpc))
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_status",
+        |mut c: Caller<'_, HostState>, rc: i32, rp: i32, rl: i32| {
+            finish(get_status(&mut c, rc, rp, rl))
+        },
+    )?;
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! Properties (`proxy_get_property`) with Envoy's attribute names and encodings.
+//!
+//! Strings are raw bytes; integers, durations (ns) and timestamps (Unix ns) are 8-byte
+//! little-endian; booleans one byte; maps in the header-map encoding.
+
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::headers::MapRef;
+use crate::state::HostState;
+use crate::types::Status;
+
+fn int(v: u64) -> Vec<u8> {
+    v.to_le_bytes().to_vec()
+}
+
+fn text(s: &str) -> Vec<u8> {
+    s.as_bytes().to_vec()
+}
+
+fn addr(a: Option<SocketAddr>, part: &str) -> Option<Vec<u8>> {
+    let a = a?;
+    match part {
+        "address" => Some(text(&a.to_string())),
+        "port" => Some(int(u64::from(a.port()))),
+        _ => None,
+    }
+}
+
+fn unix_ns(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Normalize a property path: segments joined by NUL, a trailing NUL ignored.
+pub(crate) fn key(path: &[u8]) -> &[u8] {
+    path.strip_suffix(b"\0").unwrap_or(path)
+}
+
+/// Look up a property for the effective context.
+pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
+    let path = key(path);
+    let stream = state.stream_ref();
+    // Values set by the filter (filter state) win.
+    if let Some(v) = stream.and_then(|s| s.filter_state.get(path)) {
+        return Ok(v.to_vec());
+    }
+    if let Some(v) = state.root_properties.get(path) {
+        return Ok(v.to_vec());
+    }
+    let segs: Vec<&str> = path
+        .split(|b| *b == 0)
+        .map(|s| std::str::from_utf8(s).unwrap_or("\u{fffd}"))
+        .collect();
+    let root = state.root();
+    let seg = |i: usize| segs.get(i).copied().unwrap_or("");
+    let found = match seg(0) {
+        "plugin_name" => root.map(|r| text(&r.plugin_name)),
+        "plugin_root_id" => root.map(|r| text(&r.root_id)),
+        "plugin_vm_id" => Some(text(&state.shared.vm_id)),
+        "connection_id" => stream.map(|s| int(s.info.connection_id)),
+        "source" => stream.and_then(|s| addr(s.info.source, seg(1))),
+        "destination" => stream.and_then(|s| addr(s.info.destination, seg(1))),
+        "upstream" => stream.and_then(|s| addr(s.upstream, seg(1))),
+        "connection" => stream.and_then(|s| {
+            let tls = s.info.tls.as_ref();
+            match seg(1) {
+                "id" => Some(int(s.info.connection_id)),
+                "mtls" => Some(vec![u8::from(tls.is_some_and(|t| t.mtls))]),
+                "requested_server_name" => tls.and_then(|t| t.sni.as_deref()).map(text),
+                "tls_version" => tls.map(|t| text(&t.version)),
+                "subject_local_certificate" => {
+                    tls.and_then(|t| t.local_subject.as_deref()).map(text)
+                }
+                "subject_peer_certificate" => tls.and_then(|t| t.peer_subject.as_deref()).map(text),
+                "uri_san_peer_certificate" => {
+                    tls.and_then(|t| t.peer_uri_sans.first()).map(|s| text(s))
+                }
+                "dns_san_peer_certificate" => {
+                    tls.and_then(|t| t.peer_dns_sans.first()).map(|s| text(s))
+                }
+                _ => None,
+            }
+        }),
+        "xds" => match seg(1) {
+            "route_name" => stream.map(|s| text(&s.info.route_name)),
+            "cluster_name" => stream.map(|s| {
+                text(s.cluster.as_deref().unwrap_or(&s.info.cluster_name))
+            }),
+            "virtual_host_name" => stream.map(|s| text(&s.info.virtual_host_name)),
+            "listener_name" => stream.map(|s| text(&s.info.listener_name)),
+            "listener_direction" => Some(int(1)),
+            _ => None,
+        },
+        "request" => stream.and_then(|s| {
+            let head = s.request.as_ref();
+            let header = |name: &str| {
+                head.and_then(|h| h.headers.get(name))
+                    .map(|v| v.as_bytes().to_vec())
+            };
+            match seg(1) {
+                "path" => head.map(|h| text(&h.path)),
+                "url_path" => head.map(|h| text(h.path.split('?').next().unwrap_or(""))),
+                "query" => head.map(|h| text(h.path.split_once('?').map(|x| x.1).unwrap_or(""))),
+                "host" => head.map(|h| text(&h.authority)),
+                "scheme" => head.map(|h| text(&h.scheme)),
+                "method" => head.map(|h| text(h.method.as_str())),
+                "headers" => head.map(|h| {
+                    let mut h = h.clone();
+                    MapRef::Request(&mut h).serialize()
+                }),
+                "referer" => header("referer"),
+                "useragent" => header("user-agent"),
+                "id" => {
+                    if s.info.request_id.is_empty() {
+                        header("x-request-id")
+                    } else {
+                        Some(text(&s.info.request_id))
+                    }
+                }
+                "time" => Some(int(unix_ns(s.info.start_time))),
+                "duration" => Some(int(
+                    SystemTime::now()
+                        .duration_since(s.info.start_time)
+                        .map(|d| d.as_nanos() as u64)
+                        .unwrap_or(0),
+                )),
+                "protocol" => Some(text(match s.info.protocol {
+                    http::Version::HTTP_09 => "HTTP/0.9",
+                    http::Version::HTTP_10 => "HTTP/1.0",
+                    http::Version::HTTP_2 => "HTTP/2",
+                    http::Version::HTTP_3 => "HTTP/3",
+                    _ => "HTTP/1.1",
+                })),
+                "size" => Some(int(s.request_body_bytes)),
+                "total_size" => Some(int(
+                    s.request_body_bytes
+                        + head.map_or(0, |h| {
+                            h.headers
+                                .iter()
+                                .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
+                                .sum()
+                        }),
+                )),
+                _ => None,
+            }
+        }),
+        "response" => stream.and_then(|s| {
+            let head = s.response.as_ref();
+            match seg(1) {
+                "code" => head.map(|h| int(u64::from(h.status.as_u16()))),
+                "code_details" => s.response_code_details.as_deref().map(text),
+                "flags" => Some(int(0)),
+                "grpc_status" => head
+                    .and_then(|h| h.headers.get("grpc-status"))
+                    .or_else(|| s.response_trailers.as_ref().and_then(|t| t.get("grpc-status")))
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .map(int),
+                "headers" => head.map(|h| {
+                    let mut h = h.clone();
+                    MapRef::Response(&mut h).serialize()
+                }),
+                "trailers" => s.response_trailers.as_ref().map(|t| {
+                    let mut t = t.clone();
+                    MapRef::Plain(&mut t).serialize()
+                }),
+                "size" => Some(int(s.response_body_bytes)),
+                "total_size" => Some(int(
+                    s.response_body_bytes
+                        + head.map_or(0, |h| {
+                            h.headers
+                                .iter()
+                                .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
+                                .sum()
+                        }),
+                )),
+                _ => None,
+            }
+        }),
+        _ => None,
+    };
+    found.ok_or(Status::NotFound)
+}

@@ -1,0 +1,215 @@
+//! The per-VM host state (the wasmtime `Store` data) and the per-stream state.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use tokio::sync::Notify;
+use tokio::sync::mpsc::UnboundedSender;
+use wasmtime::{Memory, ResourceLimiter, TypedFunc};
+
+use crate::config::{FailPolicy, Limits};
+use crate::error::CallError;
+use crate::host_env::{CallResponse, HostEnv};
+use crate::metrics::PluginStats;
+use crate::plugin::BgEvent;
+use crate::stream::{LocalReply, RequestHead, ResponseHead, StreamInfo};
+use crate::types::AbiVersion;
+
+/// What the guest is doing, which decides the host calls it may make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// `_initialize`/`main`/`_start` and the allocator: only logging and WASI.
+    Start,
+    /// `proxy_on_vm_start`: VM configuration readable.
+    VmStart,
+    /// `proxy_on_configure`: plugin configuration readable.
+    Configure,
+    /// Any other callback.
+    Running,
+}
+
+/// One plugin's root context as the VMs know it.
+#[derive(Debug)]
+pub(crate) struct RootSpec {
+    pub context_id: u32,
+    pub plugin_name: String,
+    pub root_id: String,
+    pub vm_id: String,
+    pub configuration: Bytes,
+    pub fail: FailPolicy,
+    pub limits: Limits,
+    pub stats: Arc<PluginStats>,
+}
+
+/// Per-replica state that outlives VM recreations: the background task's channel and timers.
+pub(crate) struct VmShared {
+    pub vm_id: String,
+    pub vm_configuration: Bytes,
+    pub env: Arc<dyn HostEnv>,
+    pub events: UnboundedSender<BgEvent>,
+    pub notify: Arc<Notify>,
+    /// Root context id → (period, next due).
+    pub timers: Mutex<HashMap<u32, (Duration, Instant)>>,
+    /// Linear memory bytes of this replica's VM (for stats).
+    pub memory_bytes: AtomicU64,
+}
+
+/// A callout issued by the guest in the current callback, started by the driver afterwards.
+pub(crate) struct NewCallout {
+    pub token: u32,
+    /// The effective context when the call was made (a stream or a root context).
+    pub owner: u32,
+    pub future: BoxFuture<'static, Result<CallResponse, CallError>>,
+}
+
+/// Deferred stream actions requested during a callback (applied when it returns).
+#[derive(Debug, Default)]
+pub(crate) struct Actions {
+    pub continue_request: bool,
+    pub continue_response: bool,
+    pub close: bool,
+    pub local_reply: Option<LocalReply>,
+}
+
+/// Which body a stream callback sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyKind {
+    Request,
+    Response,
+}
+
+/// The state of one HTTP stream context. Owned by the `HttpStream` between callbacks and moved
+/// into the store for the duration of each guest call.
+#[derive(Debug)]
+pub(crate) struct StreamCtx {
+    pub id: u32,
+    pub root: u32,
+    pub info: Arc<StreamInfo>,
+    pub request: Option<RequestHead>,
+    pub response: Option<ResponseHead>,
+    pub request_trailers: Option<http::HeaderMap>,
+    pub response_trailers: Option<http::HeaderMap>,
+    pub body: Option<(BodyKind, BytesMut)>,
+    pub request_body_bytes: u64,
+    pub response_body_bytes: u64,
+    pub cluster: Option<String>,
+    pub upstream: Option<std::net::SocketAddr>,
+    pub response_code_details: Option<String>,
+    pub filter_state: HashMap<Vec<u8>, Bytes>,
+    pub actions: Actions,
+    pub request_headers_changed: bool,
+    pub local_reply_sent: bool,
+}
+
+/// The result of a callout, visible to the guest during `proxy_on_http_call_response`.
+pub(crate) struct CalloutView {
+    pub headers: http::HeaderMap,
+    pub status: Option<http::StatusCode>,
+    pub body: Bytes,
+    pub trailers: http::HeaderMap,
+}
+
+/// Memory limiter that remembers whether it refused a growth.
+pub(crate) struct Limiter {
+    pub max_memory: usize,
+    pub hit: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_memory {
+            self.hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+/// The data of a VM's `Store`.
+pub(crate) struct HostState {
+    pub memory: Option<Memory>,
+    pub alloc: Option<TypedFunc<i32, i32>>,
+    pub limiter: Limiter,
+    pub abi: AbiVersion,
+    pub phase: Phase,
+    /// The context host calls act on (`proxy_set_effective_context` changes it).
+    pub effective: u32,
+    pub roots: HashMap<u32, Arc<RootSpec>>,
+    /// Root-context filter state (`set_property` outside streams).
+    pub root_properties: HashMap<Vec<u8>, Bytes>,
+    /// The stream whose callback runs now, if any.
+    pub stream: Option<Box<StreamCtx>>,
+    pub shared: Arc<VmShared>,
+    pub next_token: u32,
+    pub new_callouts: Vec<NewCallout>,
+    pub callout: Option<CalloutView>,
+    /// What `proxy_get_status` answers.
+    pub last_status: (u32, Bytes),
+}
+
+impl HostState {
+    pub(crate) fn new(shared: Arc<VmShared>, abi: AbiVersion, max_memory: usize) -> Self {
+        Self {
+            memory: None,
+            alloc: None,
+            limiter: Limiter {
+                max_memory,
+                hit: false,
+            },
+            abi,
+            phase: Phase::Start,
+            effective: 0,
+            roots: HashMap::new(),
+            root_properties: HashMap::new(),
+            stream: None,
+            shared,
+            next_token: 0,
+            new_callouts: Vec::new(),
+            callout: None,
+            last_status: (0, Bytes::new()),
+        }
+    }
+
+    /// The stream the effective context designates, if it is the loaded stream.
+    pub(crate) fn stream_mut(&mut self) -> Option<&mut StreamCtx> {
+        let eff = self.effective;
+        self.stream.as_deref_mut().filter(|s| s.id == eff)
+    }
+
+    /// The stream the effective context designates, if it is the loaded stream.
+    pub(crate) fn stream_ref(&self) -> Option<&StreamCtx> {
+        self.stream.as_deref().filter(|s| s.id == self.effective)
+    }
+
+    /// The root context of the effective context.
+    pub(crate) fn root(&self) -> Option<&Arc<RootSpec>> {
+        let id = match self.stream_ref() {
+            Some(s) => s.root,
+            None => self.effective,
+        };
+        self.roots.get(&id)
+    }
+
+    /// The plugin name for logs.
+    pub(crate) fn plugin_name(&self) -> &str {
+        self.root().map(|r| r.plugin_name.as_str()).unwrap_or("")
+    }
+}

@@ -1,0 +1,724 @@
+//! One HTTP stream through one plugin: the callbacks the gateway drives, in order.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use http::{HeaderMap, Method, StatusCode};
+
+use crate::config::FailPolicy;
+use crate::error::CallError;
+use crate::host_env::CallResponse;
+use crate::plugin::{Plugin, deliver_callout};
+use crate::state::{Actions, BodyKind, Phase, StreamCtx};
+use crate::vm::{Failure, HeadersFn, Vm};
+
+/// The request line and headers. The guest sees `method`, `scheme`, `authority` and `path` as
+/// the pseudo-headers `:method`, `:scheme`, `:authority`, `:path` (also for HTTP/1.1) and may
+/// change them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    /// `:method`.
+    pub method: Method,
+    /// `:scheme` (`http` or `https`).
+    pub scheme: String,
+    /// `:authority` (the `Host` header for HTTP/1.1).
+    pub authority: String,
+    /// `:path`, with the query.
+    pub path: String,
+    /// The other headers.
+    pub headers: HeaderMap,
+}
+
+impl Default for RequestHead {
+    fn default() -> Self {
+        Self {
+            method: Method::GET,
+            scheme: "http".into(),
+            authority: String::new(),
+            path: "/".into(),
+            headers: HeaderMap::new(),
+        }
+    }
+}
+
+/// The response status and headers; the guest sees the status as `:status`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResponseHead {
+    /// `:status`.
+    pub status: StatusCode,
+    /// The headers.
+    pub headers: HeaderMap,
+}
+
+/// TLS facts of the downstream connection (the `connection.*` properties).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// `connection.tls_version`, e.g. `TLSv1.3`.
+    pub version: String,
+    /// `connection.requested_server_name` (SNI).
+    pub sni: Option<String>,
+    /// `connection.mtls`: whether the peer presented a certificate.
+    pub mtls: bool,
+    /// `connection.subject_peer_certificate`.
+    pub peer_subject: Option<String>,
+    /// `connection.subject_local_certificate`.
+    pub local_subject: Option<String>,
+    /// `connection.uri_san_peer_certificate` (first entry is exposed).
+    pub peer_uri_sans: Vec<String>,
+    /// `connection.dns_san_peer_certificate` (first entry is exposed).
+    pub peer_dns_sans: Vec<String>,
+}
+
+/// What the gateway knows about a stream when it starts (the source of most properties).
+#[derive(Debug, Clone)]
+pub struct StreamInfo {
+    /// `source.address` / `source.port`.
+    pub source: Option<SocketAddr>,
+    /// `destination.address` / `destination.port` (the local address the client reached).
+    pub destination: Option<SocketAddr>,
+    /// `connection_id`.
+    pub connection_id: u64,
+    /// TLS facts, `None` for plaintext.
+    pub tls: Option<TlsInfo>,
+    /// `xds.route_name`.
+    pub route_name: String,
+    /// `xds.cluster_name` (may be updated with [`HttpStream::set_upstream`]).
+    pub cluster_name: String,
+    /// `xds.listener_name` (Weir-specific: not in Envoy).
+    pub listener_name: String,
+    /// `xds.virtual_host_name`.
+    pub virtual_host_name: String,
+    /// `request.id` (`x-request-id`).
+    pub request_id: String,
+    /// `request.time`.
+    pub start_time: SystemTime,
+    /// `request.protocol`.
+    pub protocol: http::Version,
+}
+
+impl Default for StreamInfo {
+    fn default() -> Self {
+        Self {
+            source: None,
+            destination: None,
+            connection_id: 0,
+            tls: None,
+            route_name: String::new(),
+            cluster_name: String::new(),
+            listener_name: String::new(),
+            virtual_host_name: String::new(),
+            request_id: String::new(),
+            start_time: SystemTime::now(),
+            protocol: http::Version::HTTP_11,
+        }
+    }
+}
+
+/// A response the filter (or the host, on failure) asks the gateway to send instead of
+/// proxying.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    /// Status code.
+    pub status: StatusCode,
+    /// Headers to add to the reply.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+    /// Response code details (`response.code_details`), e.g. `wasm_fail_stream`.
+    pub details: String,
+    /// gRPC status to send (as `grpc-status`), `None` for plain HTTP.
+    pub grpc_status: Option<u32>,
+}
+
+impl LocalReply {
+    pub(crate) fn simple(status: u16, details: &str) -> Self {
+        Self {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            details: details.to_owned(),
+            grpc_status: None,
+        }
+    }
+}
+
+/// What the gateway must do after a callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Go on to the next filter (or upstream/downstream) with the (possibly modified) data.
+    Continue,
+    /// Stop iteration: do not pass this part on yet; feed the filter the next body chunk.
+    /// After paused headers, the headers are held until a later body callback returns
+    /// `Continue`. After a paused body chunk the host keeps the bytes (the gateway's buffer is
+    /// emptied); the next body callback reports the accumulated size, and `Continue` hands the
+    /// whole accumulated (possibly replaced) body back in the gateway's buffer.
+    StopIteration,
+    /// Send this reply instead. The gateway then runs the response callbacks of the filters
+    /// that saw the request, this one included, on the reply.
+    LocalReply(Box<LocalReply>),
+    /// Reset the stream (the filter called `proxy_close_stream`).
+    Reset,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lifecycle {
+    /// No guest context yet.
+    New,
+    /// The guest has a context.
+    Active,
+    /// The filter failed or its context was lost: callbacks are skipped.
+    Bypassed,
+    /// `finish` ran.
+    Finished,
+}
+
+#[derive(Clone, Copy)]
+enum Dir {
+    Request,
+    Response,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Headers { eos: bool },
+    Body { eos: bool },
+    Trailers,
+}
+
+type Pending = FuturesUnordered<BoxFuture<'static, (u32, Result<CallResponse, CallError>)>>;
+
+/// One HTTP stream through one plugin.
+///
+/// The gateway calls, for each plugin of a route's chain: [`on_request_headers`], then
+/// [`on_request_body`] per chunk and [`on_request_trailers`] if any, then the response
+/// counterparts, then [`finish`]. A callback that returns anything but `Continue` stops the
+/// chain at this plugin. The stream keeps one VM replica for its whole life.
+///
+/// [`on_request_headers`]: HttpStream::on_request_headers
+/// [`on_request_body`]: HttpStream::on_request_body
+/// [`on_request_trailers`]: HttpStream::on_request_trailers
+/// [`finish`]: HttpStream::finish
+pub struct HttpStream {
+    plugin: Arc<Plugin>,
+    replica: usize,
+    generation: u64,
+    ctx: Option<Box<StreamCtx>>,
+    lifecycle: Lifecycle,
+    pending: Pending,
+    request_body: BytesMut,
+    response_body: BytesMut,
+}
+
+impl std::fmt::Debug for HttpStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpStream")
+            .field("plugin", &self.plugin.name())
+            .field("replica", &self.replica)
+            .field("lifecycle", &self.lifecycle)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpStream {
+    pub(crate) fn new(plugin: Arc<Plugin>, info: Arc<StreamInfo>) -> Self {
+        let replica = plugin.group.pick_replica();
+        let ctx = Box::new(StreamCtx {
+            id: plugin.group.next_context_id(),
+            root: plugin.root.context_id,
+            info,
+            request: None,
+            response: None,
+            request_trailers: None,
+            response_trailers: None,
+            body: None,
+            request_body_bytes: 0,
+            response_body_bytes: 0,
+            cluster: None,
+            upstream: None,
+            response_code_details: None,
+            filter_state: HashMap::new(),
+            actions: Actions::default(),
+            request_headers_changed: false,
+            local_reply_sent: false,
+        });
+        Self {
+            plugin,
+            replica,
+            generation: 0,
+            ctx: Some(ctx),
+            lifecycle: Lifecycle::New,
+            pending: FuturesUnordered::new(),
+            request_body: BytesMut::new(),
+            response_body: BytesMut::new(),
+        }
+    }
+
+    fn ctx(&mut self) -> &mut StreamCtx {
+        // The context is only out of `self` during a guest call, which `invoke` puts back.
+        self.ctx.get_or_insert_with(|| unreachable_ctx())
+    }
+
+    /// Whether the filter changed the request headers (pseudo-headers included) or cleared the
+    /// route cache: the gateway must match the route again before choosing the upstream.
+    pub fn route_cache_cleared(&self) -> bool {
+        self.ctx
+            .as_ref()
+            .is_some_and(|c| c.request_headers_changed)
+    }
+
+    /// Tell the stream which cluster and upstream address were chosen (`xds.cluster_name`,
+    /// `upstream.address`, `upstream.port`).
+    pub fn set_upstream(&mut self, cluster: &str, address: Option<SocketAddr>) {
+        let ctx = self.ctx();
+        ctx.cluster = Some(cluster.to_owned());
+        ctx.upstream = address;
+    }
+
+    /// Set `response.code_details` (e.g. `via_upstream`).
+    pub fn set_response_code_details(&mut self, details: &str) {
+        self.ctx().response_code_details = Some(details.to_owned());
+    }
+
+    /// Take the body bytes the filter still holds for `request` (true) or response (false): after
+    /// a trailers callback returns `Continue`, send these before the trailers.
+    pub fn take_buffered_body(&mut self, request: bool) -> BytesMut {
+        if request {
+            std::mem::take(&mut self.request_body)
+        } else {
+            std::mem::take(&mut self.response_body)
+        }
+    }
+
+    /// Whether the filter failed (or lost its VM) and is now skipped for this stream.
+    pub fn is_bypassed(&self) -> bool {
+        self.lifecycle == Lifecycle::Bypassed
+    }
+
+    /// Run one guest call with this stream's context loaded.
+    fn invoke(
+        &mut self,
+        call: impl FnOnce(&mut Vm, u32, u32, bool) -> Result<i32, Failure>,
+    ) -> Result<i32, ()> {
+        let plugin = self.plugin.clone();
+        let group = &plugin.group;
+        let spec = &plugin.root;
+        let mut slot = group.lock(self.replica);
+        if self.lifecycle == Lifecycle::New {
+            if let Err(why) = group.ensure_vm(self.replica, &mut slot, false) {
+                tracing::debug!(plugin = %spec.plugin_name, "wasm stream without VM: {why}");
+                return Err(());
+            }
+            self.generation = slot.generation;
+        }
+        if slot.generation != self.generation {
+            // The VM this stream's context lived in was discarded.
+            return Err(());
+        }
+        let generation = slot.generation;
+        let Some(vm) = slot.vm.as_mut() else {
+            return Err(());
+        };
+        if !vm.store.data().roots.contains_key(&spec.context_id) {
+            return Err(());
+        }
+        let Some(ctx) = self.ctx.take() else {
+            return Err(());
+        };
+        let id = ctx.id;
+        let create = self.lifecycle == Lifecycle::New;
+        let state = vm.store.data_mut();
+        state.stream = Some(ctx);
+        state.effective = id;
+        state.phase = Phase::Running;
+        let r = call(vm, id, spec.context_id, create);
+        let state = vm.store.data_mut();
+        self.ctx = state.stream.take();
+        state.effective = 0;
+        let callouts = std::mem::take(&mut state.new_callouts);
+        for c in callouts {
+            if c.owner == id {
+                let (token, fut) = (c.token, c.future);
+                self.pending.push(Box::pin(async move { (token, fut.await) }));
+            } else {
+                group.spawn_root_callout(self.replica, generation, c);
+            }
+        }
+        if create {
+            self.lifecycle = Lifecycle::Active;
+        }
+        match r {
+            Ok(v) => Ok(v),
+            Err(f) => {
+                tracing::warn!(plugin = %spec.plugin_name, "wasm filter failed: {f}");
+                group.fail(self.replica, &mut slot, spec.fail, &f);
+                Err(())
+            }
+        }
+    }
+
+    /// Run a stream callback: create the context first if needed.
+    fn callback(
+        &mut self,
+        f: impl FnOnce(&crate::vm::Exports, &mut wasmtime::Store<crate::state::HostState>, i32) -> wasmtime::Result<i32>,
+    ) -> Result<i32, ()> {
+        let deadline = self.plugin.root.limits.callback_deadline;
+        let stats = self.plugin.root.stats.clone();
+        self.invoke(|vm, id, root, create| {
+            vm.guarded(deadline, &stats, |ex, store| {
+                if create && let Some(cc) = &ex.context_create {
+                    cc.call(&mut *store, (id as i32, root as i32))?;
+                }
+                f(ex, store, id as i32)
+            })
+        })
+    }
+
+    fn failure_decision(&mut self) -> Decision {
+        self.lifecycle = Lifecycle::Bypassed;
+        self.pending = FuturesUnordered::new();
+        self.plugin
+            .root
+            .stats
+            .failed_streams
+            .fetch_add(1, Ordering::Relaxed);
+        match self.plugin.root.fail {
+            FailPolicy::Open => Decision::Continue,
+            FailPolicy::Closed | FailPolicy::Reload => {
+                Decision::LocalReply(Box::new(LocalReply::simple(503, "wasm_fail_stream")))
+            }
+        }
+    }
+
+    fn skipping(&self) -> bool {
+        matches!(self.lifecycle, Lifecycle::Bypassed | Lifecycle::Finished)
+    }
+
+    /// Apply deferred actions and wait for callouts while the filter is paused.
+    async fn resolve(&mut self, dir: Dir, mut action: i32, part: Part) -> Decision {
+        loop {
+            let ctx = self.ctx();
+            let actions = std::mem::take(&mut ctx.actions);
+            if let Some(reply) = actions.local_reply {
+                ctx.local_reply_sent = true;
+                self.pending = FuturesUnordered::new();
+                return Decision::LocalReply(Box::new(reply));
+            }
+            if actions.close {
+                self.pending = FuturesUnordered::new();
+                return Decision::Reset;
+            }
+            let resumed = match dir {
+                Dir::Request => actions.continue_request,
+                Dir::Response => actions.continue_response,
+            };
+            if action == 0 || resumed {
+                return Decision::Continue;
+            }
+            if self.pending.is_empty() {
+                return match part {
+                    Part::Headers { eos: false } | Part::Body { eos: false } => {
+                        Decision::StopIteration
+                    }
+                    _ => {
+                        // Envoy would wait for a `continue` that nothing can trigger any more;
+                        // go on instead of hanging the stream.
+                        tracing::debug!(
+                            plugin = %self.plugin.root.plugin_name,
+                            "wasm filter paused at end of stream without pending callouts; continuing"
+                        );
+                        Decision::Continue
+                    }
+                };
+            }
+            let Some((token, result)) = self.pending.next().await else {
+                continue;
+            };
+            let spec = self.plugin.root.clone();
+            let r = self.invoke(|vm, _id, root, _create| {
+                deliver_callout(vm, &spec, root, token, result).map(|()| 1)
+            });
+            if r.is_err() {
+                return self.failure_decision();
+            }
+            action = 1;
+        }
+    }
+
+    /// Request headers (and pseudo-headers). Edits to `head` are made in place; check
+    /// [`route_cache_cleared`](Self::route_cache_cleared) afterwards. A filter that pauses
+    /// until a callout answers is awaited here (`proxy_on_http_call_response` runs inside).
+    pub async fn on_request_headers(
+        &mut self,
+        head: &mut RequestHead,
+        end_of_stream: bool,
+    ) -> Decision {
+        if self.skipping() {
+            return Decision::Continue;
+        }
+        let n = (4 + head.headers.len()) as i32;
+        self.ctx().request = Some(std::mem::take(head));
+        let r = self.callback(|ex, store, id| match &ex.request_headers {
+            Some(HeadersFn::V2(f)) => f.call(store, (id, n, i32::from(end_of_stream))),
+            Some(HeadersFn::V1(f)) => f.call(store, (id, n)),
+            None => Ok(0),
+        });
+        let d = match r {
+            Ok(a) => {
+                self.resolve(Dir::Request, a, Part::Headers { eos: end_of_stream })
+                    .await
+            }
+            Err(()) => self.failure_decision(),
+        };
+        let ctx = self.ctx();
+        if let Some(h) = ctx.request.take() {
+            *head = h;
+        }
+        // Later phases (and properties) read a snapshot of the request head.
+        ctx.request = Some(head.clone());
+        d
+    }
+
+    async fn on_body(&mut self, dir: Dir, data: &mut BytesMut, end_of_stream: bool) -> Decision {
+        let held = match dir {
+            Dir::Request => &mut self.request_body,
+            Dir::Response => &mut self.response_body,
+        };
+        let mut buf = std::mem::take(held);
+        let chunk = data.len() as u64;
+        if buf.is_empty() {
+            buf = data.split();
+        } else {
+            buf.extend_from_slice(data);
+            data.clear();
+        }
+        if self.skipping() {
+            *data = buf;
+            return Decision::Continue;
+        }
+        let kind = match dir {
+            Dir::Request => BodyKind::Request,
+            Dir::Response => BodyKind::Response,
+        };
+        let ctx = self.ctx();
+        match dir {
+            Dir::Request => ctx.request_body_bytes += chunk,
+            Dir::Response => ctx.response_body_bytes += chunk,
+        }
+        let len = buf.len() as i32;
+        ctx.body = Some((kind, buf));
+        let eos = i32::from(end_of_stream);
+        let r = self.callback(|ex, store, id| {
+            let f = match dir {
+                Dir::Request => &ex.request_body,
+                Dir::Response => &ex.response_body,
+            };
+            match f {
+                Some(f) => f.call(store, (id, len, eos)),
+                None => Ok(0),
+            }
+        });
+        let d = match r {
+            Ok(a) => {
+                self.resolve(dir, a, Part::Body { eos: end_of_stream })
+                    .await
+            }
+            Err(()) => self.failure_decision(),
+        };
+        let buf = self.ctx().body.take().map(|(_, b)| b).unwrap_or_default();
+        match d {
+            Decision::Continue => {
+                *data = buf;
+                Decision::Continue
+            }
+            Decision::StopIteration => {
+                if buf.len() > self.plugin.root.limits.body_buffer_bytes {
+                    let reply = match dir {
+                        Dir::Request => LocalReply::simple(413, "request_payload_too_large"),
+                        Dir::Response => LocalReply::simple(500, "response_payload_too_large"),
+                    };
+                    self.ctx().local_reply_sent = true;
+                    return Decision::LocalReply(Box::new(reply));
+                }
+                match dir {
+                    Dir::Request => self.request_body = buf,
+                    Dir::Response => self.response_body = buf,
+                }
+                Decision::StopIteration
+            }
+            other => other,
+        }
+    }
+
+    /// A request body chunk. On `Continue`, `data` holds what to forward (the whole
+    /// accumulated body if earlier chunks were held); on `StopIteration` the host keeps the
+    /// bytes (capped at `limits.body_buffer_bytes`: past it a 413 local reply).
+    pub async fn on_request_body(&mut self, data: &mut BytesMut, end_of_stream: bool) -> Decision {
+        self.on_body(Dir::Request, data, end_of_stream).await
+    }
+
+    async fn on_trailers(&mut self, dir: Dir, trailers: &mut HeaderMap) -> Decision {
+        if self.skipping() {
+            return Decision::Continue;
+        }
+        let n = trailers.len() as i32;
+        let t = std::mem::take(trailers);
+        match dir {
+            Dir::Request => self.ctx().request_trailers = Some(t),
+            Dir::Response => self.ctx().response_trailers = Some(t),
+        }
+        let r = self.callback(|ex, store, id| {
+            let f = match dir {
+                Dir::Request => &ex.request_trailers,
+                Dir::Response => &ex.response_trailers,
+            };
+            match f {
+                Some(f) => f.call(store, (id, n)),
+                None => Ok(0),
+            }
+        });
+        let d = match r {
+            Ok(a) => self.resolve(dir, a, Part::Trailers).await,
+            Err(()) => self.failure_decision(),
+        };
+        let ctx = self.ctx();
+        let t = match dir {
+            Dir::Request => ctx.request_trailers.clone(),
+            Dir::Response => ctx.response_trailers.clone(),
+        };
+        if let Some(t) = t {
+            *trailers = t;
+        }
+        d
+    }
+
+    /// Request trailers (edits in place). After `Continue`, send
+    /// [`take_buffered_body(true)`](Self::take_buffered_body) first if not empty.
+    pub async fn on_request_trailers(&mut self, trailers: &mut HeaderMap) -> Decision {
+        self.on_trailers(Dir::Request, trailers).await
+    }
+
+    /// Response headers (`:status` and headers, edits in place). Also called on a local reply
+    /// (the filter's own or a later filter's): the filter sees and may edit the reply.
+    pub async fn on_response_headers(
+        &mut self,
+        head: &mut ResponseHead,
+        end_of_stream: bool,
+    ) -> Decision {
+        if self.skipping() {
+            return Decision::Continue;
+        }
+        let n = (1 + head.headers.len()) as i32;
+        self.ctx().response = Some(std::mem::take(head));
+        let r = self.callback(|ex, store, id| match &ex.response_headers {
+            Some(HeadersFn::V2(f)) => f.call(store, (id, n, i32::from(end_of_stream))),
+            Some(HeadersFn::V1(f)) => f.call(store, (id, n)),
+            None => Ok(0),
+        });
+        let d = match r {
+            Ok(a) => {
+                self.resolve(Dir::Response, a, Part::Headers { eos: end_of_stream })
+                    .await
+            }
+            Err(()) => self.failure_decision(),
+        };
+        let ctx = self.ctx();
+        if let Some(h) = ctx.response.take() {
+            *head = h;
+        }
+        ctx.response = Some(head.clone());
+        d
+    }
+
+    /// A response body chunk; see [`on_request_body`](Self::on_request_body) (the cap answers
+    /// 500).
+    pub async fn on_response_body(&mut self, data: &mut BytesMut, end_of_stream: bool) -> Decision {
+        self.on_body(Dir::Response, data, end_of_stream).await
+    }
+
+    /// Response trailers (edits in place).
+    pub async fn on_response_trailers(&mut self, trailers: &mut HeaderMap) -> Decision {
+        self.on_trailers(Dir::Response, trailers).await
+    }
+
+    /// End of the stream: `proxy_on_log`, then `proxy_on_done` and `proxy_on_delete` (Envoy's
+    /// order). Call it once, after the response is complete or the stream was reset; dropping
+    /// the stream without it runs only `on_done` and `on_delete`.
+    pub fn finish(&mut self) {
+        if self.lifecycle == Lifecycle::Active {
+            let _ = self.callback(|ex, store, id| {
+                if let Some(f) = &ex.log {
+                    f.call(store, id)?;
+                }
+                Ok(0)
+            });
+            self.delete();
+            if self.lifecycle == Lifecycle::Finished {
+                let mut slot = self.plugin.group.lock(self.replica);
+                if slot.generation == self.generation {
+                    self.plugin.group.healthy(&mut slot);
+                }
+            }
+        }
+        if self.lifecycle == Lifecycle::New {
+            self.lifecycle = Lifecycle::Finished;
+        }
+    }
+
+    fn delete(&mut self) {
+        if self.lifecycle != Lifecycle::Active {
+            return;
+        }
+        self.pending = FuturesUnordered::new();
+        let r = self.callback(|ex, store, id| {
+            if let Some(f) = &ex.done {
+                f.call(&mut *store, id)?;
+            }
+            if let Some(f) = &ex.delete {
+                f.call(&mut *store, id)?;
+            }
+            Ok(0)
+        });
+        self.lifecycle = if r.is_ok() {
+            Lifecycle::Finished
+        } else {
+            Lifecycle::Bypassed
+        };
+    }
+}
+
+impl Drop for HttpStream {
+    fn drop(&mut self) {
+        self.delete();
+    }
+}
+
+#[cold]
+fn unreachable_ctx() -> Box<StreamCtx> {
+    // Never taken outside `invoke`; a fresh empty context keeps the host alive regardless.
+    Box::new(StreamCtx {
+        id: 0,
+        root: 0,
+        info: Arc::new(StreamInfo::default()),
+        request: None,
+        response: None,
+        request_trailers: None,
+        response_trailers: None,
+        body: None,
+        request_body_bytes: 0,
+        response_body_bytes: 0,
+        cluster: None,
+        upstream: None,
+        response_code_details: None,
+        filter_state: HashMap::new(),
+        actions: Actions::default(),
+        request_headers_changed: false,
+        local_reply_sent: false,
+    })
+}

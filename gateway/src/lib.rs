@@ -1,0 +1,272 @@
+//! Weir: a WebAssembly-extensible API gateway.
+//!
+//! The library builds a running gateway from a config file: listeners, the route table (one
+//! `ArcSwap<Snapshot>` that every request loads once), upstream clusters, the admin listener and
+//! the built-in demo backends. `main.rs` only parses the command line. See `ARCHITECTURE.md` for
+//! the request's path through the modules.
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod listener;
+pub mod proxy;
+pub mod ratelimit;
+pub mod route;
+pub mod snapshot;
+pub mod telemetry;
+pub mod tls;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{Mutex, watch};
+
+use config::ConfigErrors;
+use snapshot::Snapshot;
+use telemetry::metrics::Registry;
+
+/// State shared by every connection and request.
+pub struct Shared {
+    /// The snapshot in force. Requests `load_full()` it once.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Metrics.
+    pub registry: Arc<Registry>,
+    /// Set to `true` to start graceful shutdown.
+    pub shutdown: watch::Sender<bool>,
+    config_path: PathBuf,
+    /// Serializes reloads and owns the running listeners and demo backends.
+    control: Mutex<Control>,
+}
+
+struct Control {
+    listeners: listener::Listeners,
+    demos: demo::DemoBackends,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config is invalid.
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    /// A listener could not be bound.
+    #[error(transparent)]
+    Bind(#[from] listener::BindError),
+    /// The admin listener could not be bound.
+    #[error("cannot listen on {0} for the admin listener: {1}")]
+    Admin(SocketAddr, std::io::Error),
+}
+
+/// A running gateway.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    admin_addr: Option<SocketAddr>,
+}
+
+impl Gateway {
+    /// Load `config_path`, bind everything it declares and start serving.
+    pub async fn start(config_path: impl AsRef<Path>) -> Result<Gateway, StartError> {
+        let config_path = config_path.as_ref().to_path_buf();
+        let checked = config::check_file(&config_path)?;
+        let registry = Arc::new(Registry::default());
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(Snapshot::empty()),
+            registry: registry.clone(),
+            shutdown,
+            config_path,
+            control: Mutex::new(Control {
+                listeners: listener::Listeners::default(),
+                demos: demo::DemoBackends::default(),
+            }),
+        });
+        let admin_addr = {
+            let mut control = shared.control.lock().await;
+            let bound = control.listeners.prepare(checked.listeners())?;
+            let snapshot = checked.instantiate(&Snapshot::empty(), &registry, 1)?;
+            let admin_addr = match snapshot.admin {
+                Some(addr) => {
+                    let l = listener::bind(addr).map_err(|e| StartError::Admin(addr, e))?;
+                    let local = l.local_addr().map_err(|e| StartError::Admin(addr, e))?;
+                    tokio::spawn(admin::serve(shared.clone(), l));
+                    Some(local)
+                }
+                None => None,
+            };
+            control.demos.apply(&snapshot.demo_backends, &shared).await;
+            let specs = snapshot.listeners.clone();
+            let watch = snapshot.watch;
+            registry.global.config_version.store(1, Ordering::Relaxed);
+            shared.snapshot.store(Arc::new(snapshot));
+            control.listeners.apply(&shared, &specs, bound);
+            if watch {
+                tokio::spawn(watch_file(Arc::downgrade(&shared)));
+            }
+            admin_addr
+        };
+        Ok(Gateway { shared, admin_addr })
+    }
+
+    /// Shared state (for tests and embedding).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The bound address of a listener.
+    pub async fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.shared.control.lock().await.listeners.local_addr(name)
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Reload the config file now.
+    pub async fn reload(&self) -> Result<u64, ReloadError> {
+        self.shared.reload().await
+    }
+
+    /// Run until SIGTERM/SIGINT, reloading on SIGHUP, then drain gracefully.
+    pub async fn run_until_signal(self) {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            loop {
+                tokio::select! {
+                    _ = hup.recv() => {
+                        match self.reload().await {
+                            Ok(v) => tracing::info!(version = v, "config reloaded on SIGHUP"),
+                            Err(e) => tracing::error!("config reload rejected:\n{e}"),
+                        }
+                    }
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        self.shutdown().await;
+    }
+
+    /// Stop accepting, let in-flight requests finish (up to the drain timeout), then return.
+    pub async fn shutdown(self) {
+        let drain = self.shared.snapshot.load().drain_timeout;
+        tracing::info!(?drain, "draining");
+        self.shared.control.lock().await.listeners.stop_all();
+        let _ = self.shared.shutdown.send(true);
+        let deadline = tokio::time::Instant::now() + drain;
+        while self
+            .shared
+            .registry
+            .global
+            .downstream_connections_active
+            .load(Ordering::Relaxed)
+            > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.shared.control.lock().await.demos.stop_all();
+    }
+}
+
+/// Why a reload was rejected; the previous config keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new config is invalid.
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    /// A new listener could not be bound.
+    #[error(transparent)]
+    Bind(#[from] listener::BindError),
+}
+
+impl Shared {
+    /// Read, check and compile the config file, then swap it in. On any error nothing changes.
+    pub async fn reload(self: &Arc<Self>) -> Result<u64, ReloadError> {
+        let mut control = self.control.lock().await;
+        let result = self.reload_locked(&mut control).await;
+        match &result {
+            Ok(_) => self.registry.global.reloads.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self
+                .registry
+                .global
+                .reload_failures
+                .fetch_add(1, Ordering::Relaxed),
+        };
+        result
+    }
+
+    async fn reload_locked(self: &Arc<Self>, control: &mut Control) -> Result<u64, ReloadError> {
+        let path = self.config_path.clone();
+        let checked = tokio::task::spawn_blocking(move || config::check_file(&path))
+            .await
+            .map_err(|e| {
+                ConfigErrors(vec![config::ConfigError {
+                    file: String::new(),
+                    line: 0,
+                    column: 0,
+                    message: e.to_string(),
+                }])
+            })??;
+        let bound = control.listeners.prepare(checked.listeners())?;
+        let previous = self.snapshot.load_full();
+        let version = previous.version + 1;
+        let snapshot = checked.instantiate(&previous, &self.registry, version)?;
+        control.demos.apply(&snapshot.demo_backends, self).await;
+        let specs = snapshot.listeners.clone();
+        self.snapshot.store(Arc::new(snapshot));
+        self.registry
+            .global
+            .config_version
+            .store(version, Ordering::Relaxed);
+        control.listeners.apply(self, &specs, bound);
+        tracing::info!(version, "config loaded");
+        Ok(version)
+    }
+}
+
+/// Reload when the config file's contents change (polled every second).
+async fn watch_file(shared: std::sync::Weak<Shared>) {
+    let mut last = match shared.upgrade() {
+        Some(s) => std::fs::read(&s.config_path).ok(),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(s) = shared.upgrade() else { return };
+        if *s.shutdown.borrow() {
+            return;
+        }
+        if !s.snapshot.load().watch {
+            continue;
+        }
+        let now = std::fs::read(&s.config_path).ok();
+        if now.is_some() && now != last {
+            last = now;
+            match s.reload().await {
+                Ok(v) => tracing::info!(version = v, "config file changed: reloaded"),
+                Err(e) => tracing::error!(
+                    "config file changed but the new config is rejected; the previous one keeps serving:\n{e}"
+                ),
+            }
+        }
+    }
+}
+
+/// Resolves once `flag` is set to `true` (or its sender is gone).
+pub async fn flag_set(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|set| *set).await;
+}

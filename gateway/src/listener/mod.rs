@@ -1,0 +1,304 @@
+//! Listeners: accept TCP connections, read the PROXY header, terminate TLS, and serve HTTP/1.1,
+//! HTTP/2 (ALPN) and h2c with the listener's limits. Listeners are added, removed and changed on
+//! reload without touching connections already open.
+
+pub mod proxy_protocol;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::Shared;
+use crate::proxy::service::{ConnInfo, serve};
+use crate::snapshot::{Limits, ListenerSpec};
+
+/// A running listener.
+struct Running {
+    configured: SocketAddr,
+    bound: SocketAddr,
+    stop: watch::Sender<bool>,
+}
+
+/// The set of running listeners.
+#[derive(Default)]
+pub struct Listeners {
+    running: HashMap<Arc<str>, Running>,
+}
+
+/// Binding a listener failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address} for listener `{name}`: {source}")]
+pub struct BindError {
+    /// Listener name.
+    pub name: String,
+    /// Address.
+    pub address: SocketAddr,
+    /// Cause.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Bind a TCP listener with `SO_REUSEADDR`, non-blocking, for tokio.
+pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(4096)
+}
+
+impl Listeners {
+    /// Bind the listeners of `specs` that are not running yet (or whose address changed).
+    /// Nothing changes if any bind fails.
+    pub fn prepare(
+        &self,
+        specs: &[ListenerSpec],
+    ) -> Result<Vec<(ListenerSpec, TcpListener)>, BindError> {
+        let mut bound = Vec::new();
+        for spec in specs {
+            let keep = self
+                .running
+                .get(&spec.name)
+                .is_some_and(|r| r.configured == spec.address);
+            if keep {
+                continue;
+            }
+            // Changing a listener's port to one that another of ours holds: let the old one go first
+            // is not possible atomically; report it.
+            let listener = bind(spec.address).map_err(|source| BindError {
+                name: spec.name.to_string(),
+                address: spec.address,
+                source,
+            })?;
+            bound.push((spec.clone(), listener));
+        }
+        Ok(bound)
+    }
+
+    /// Start newly bound listeners and stop those no longer configured.
+    pub fn apply(
+        &mut self,
+        shared: &Arc<Shared>,
+        specs: &[ListenerSpec],
+        bound: Vec<(ListenerSpec, TcpListener)>,
+    ) {
+        self.running.retain(|name, r| {
+            let keep = specs
+                .iter()
+                .any(|s| &s.name == name && s.address == r.configured);
+            if !keep {
+                let _ = r.stop.send(true);
+                tracing::info!(listener = %name, "listener stopped");
+            }
+            keep
+        });
+        for (spec, listener) in bound {
+            let bound_addr = listener.local_addr().unwrap_or(spec.address);
+            let (stop, stopped) = watch::channel(false);
+            tracing::info!(listener = %spec.name, address = %bound_addr, tls = spec.tls.is_some(), "listening");
+            tokio::spawn(accept_loop(
+                shared.clone(),
+                spec.name.clone(),
+                listener,
+                stopped,
+            ));
+            self.running.insert(
+                spec.name.clone(),
+                Running {
+                    configured: spec.address,
+                    bound: bound_addr,
+                    stop,
+                },
+            );
+        }
+    }
+
+    /// The bound address of a listener (useful with port 0).
+    pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.running.get(name).map(|r| r.bound)
+    }
+
+    /// Stop accepting everywhere.
+    pub fn stop_all(&mut self) {
+        for r in self.running.values() {
+            let _ = r.stop.send(true);
+        }
+        self.running.clear();
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    name: Arc<str>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let active = Arc::new(AtomicUsize::new(0));
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.changed() => return,
+        };
+        let (stream, remote) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly instead of spinning.
+                tracing::warn!(listener = %name, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let snapshot = shared.snapshot.load();
+        let Some(spec) = snapshot.listener(&name).cloned() else {
+            continue;
+        };
+        drop(snapshot);
+        let g = &shared.registry.global;
+        if active.load(Ordering::Relaxed) >= spec.limits.max_connections {
+            g.downstream_connections_overflow
+                .fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        }
+        g.downstream_connections.fetch_add(1, Ordering::Relaxed);
+        let guard = ConnCount::new(active.clone(), shared.clone());
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            if let Err(e) = handle_connection(shared, spec, stream, remote).await {
+                tracing::debug!(error = %e, "connection ended with error");
+            }
+        });
+    }
+}
+
+struct ConnCount(Arc<AtomicUsize>, Arc<Shared>);
+
+impl ConnCount {
+    fn new(active: Arc<AtomicUsize>, shared: Arc<Shared>) -> ConnCount {
+        active.fetch_add(1, Ordering::Relaxed);
+        shared
+            .registry
+            .global
+            .downstream_connections_active
+            .fetch_add(1, Ordering::Relaxed);
+        ConnCount(active, shared)
+    }
+}
+
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1
+            .registry
+            .global
+            .downstream_connections_active
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn handle_connection(
+    shared: Arc<Shared>,
+    spec: ListenerSpec,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), BoxError> {
+    stream.set_nodelay(true)?;
+    let local = stream.local_addr()?;
+    let limits = spec.limits.clone();
+    let mut remote = peer;
+    if spec.proxy_protocol {
+        let header = tokio::time::timeout(
+            limits.request_header_timeout,
+            proxy_protocol::read_header(&mut stream),
+        )
+        .await??;
+        if let Some(addr) = header {
+            remote = addr;
+        }
+    }
+    let mut conn = ConnInfo {
+        remote,
+        local,
+        listener: spec.name.clone(),
+        tls: spec.tls.is_some(),
+        sni: None,
+        allow_underscores: limits.allow_underscores_in_headers,
+    };
+    match &spec.tls {
+        None => {
+            let conn = Arc::new(conn);
+            serve_http(shared, conn, TokioIo::new(stream), &limits, None).await
+        }
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+            let tls_stream =
+                tokio::time::timeout(limits.request_header_timeout, acceptor.accept(stream))
+                    .await??;
+            let (_, session) = tls_stream.get_ref();
+            conn.sni = session.server_name().map(str::to_string);
+            let h2 = session.alpn_protocol() == Some(b"h2");
+            let conn = Arc::new(conn);
+            serve_http(shared, conn, TokioIo::new(tls_stream), &limits, Some(h2)).await
+        }
+    }
+}
+
+/// Serve HTTP on an established (possibly TLS) connection with the listener's limits.
+/// `alpn_h2`: `Some(true)` when TLS negotiated h2, `Some(false)` for HTTP/1.1 over TLS, `None` on
+/// plain TCP (HTTP/1.1 or h2c prior knowledge, detected from the preface).
+async fn serve_http<I>(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    io: I,
+    limits: &Limits,
+    alpn_h2: Option<bool>,
+) -> Result<(), BoxError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.request_header_timeout)
+        .max_buf_size(limits.max_request_headers_bytes.max(8192))
+        .max_headers(limits.max_request_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_request_headers_bytes as u32)
+        .max_pending_accept_reset_streams(Some(20))
+        .max_local_error_reset_streams(Some(1024))
+        .keep_alive_interval(Some(std::time::Duration::from_secs(60)))
+        .enable_connect_protocol();
+    match alpn_h2 {
+        Some(true) => builder = builder.http2_only(),
+        Some(false) => builder = builder.http1_only(),
+        None => {}
+    }
+    let mut shutdown = shared.shutdown.subscribe();
+    let service = service_fn(move |req| serve(shared.clone(), conn.clone(), req));
+    let connection = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(connection);
+    tokio::select! {
+        r = connection.as_mut() => r,
+        _ = crate::flag_set(&mut shutdown) => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! The `weir` command line: parse arguments, then hand over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Weir: a WebAssembly-extensible API gateway.
+#[derive(Parser)]
+#[command(name = "weir", version, about, after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+const EXAMPLES: &str = "Examples:
+  weir run configs/quickstart.yaml        serve the quickstart demo on http://127.0.0.1:8080
+  weir validate configs/quickstart.yaml   check a config; errors print as FILE:LINE:COL: message
+  curl -X POST http://127.0.0.1:9901/reload   reload the config (also on file change or SIGHUP)";
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve traffic as CONFIG describes, reloading it on change, SIGHUP or POST /reload.
+    Run {
+        /// The YAML config file.
+        config: PathBuf,
+    },
+    /// Check CONFIG; exit 0 if valid, else 1 with one `FILE:LINE:COL: message` line per error.
+    Validate {
+        /// The YAML config file.
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { config } => match weir::config::check_file(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            runtime.block_on(async move {
+                match weir::Gateway::start(&config).await {
+                    Ok(gateway) => {
+                        gateway.run_until_signal().await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("{e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}

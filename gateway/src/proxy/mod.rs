@@ -1,0 +1,5 @@
+//! The proxy: what happens to one request after the HTTP codec hands it over.
+
+pub mod forward;
+pub mod logged_body;
+pub mod service;

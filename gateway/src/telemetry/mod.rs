@@ -1,0 +1,4 @@
+//! Telemetry: access log and metrics.
+
+pub mod access_log;
+pub mod metrics;

@@ -1,0 +1,1 @@
+//! Weir SDK for filter authors.
