@@ -106,10 +106,10 @@ impl SniResolver {
             if let Some(k) = self.exact.get(&name) {
                 return k.clone();
             }
-            if let Some((_, parent)) = name.split_once('.') {
-                if let Some(k) = self.wildcard.get(parent) {
-                    return k.clone();
-                }
+            if let Some((_, parent)) = name.split_once('.')
+                && let Some(k) = self.wildcard.get(parent)
+            {
+                return k.clone();
             }
         }
         self.default.clone()

@@ -90,13 +90,9 @@ impl Checker<'_> {
         match Regex::new(&format!("^(?:{})$", s.value)) {
             Ok(r) => Some(r),
             Err(e) => {
-                let first = e
-                    .to_string()
-                    .lines()
-                    .last()
-                    .unwrap_or("")
-                    .trim()
-                    .to_string();
+                let text = e.to_string();
+                let last = text.lines().last().unwrap_or("").trim();
+                let first = last.strip_prefix("error: ").unwrap_or(last);
                 self.err(
                     &s.referenced,
                     format!("{field}: invalid regular expression `{}`: {first}", s.value),
@@ -576,13 +572,14 @@ pub fn check(
                     }
                 },
             };
-            if let Some(s) = &rd.scheme {
-                if s.value != "http" && s.value != "https" {
-                    c.err(
-                        &s.referenced,
-                        format!("routes[{name}].redirect.scheme: expected http or https"),
-                    );
-                }
+            if let Some(s) = &rd.scheme
+                && s.value != "http"
+                && s.value != "https"
+            {
+                c.err(
+                    &s.referenced,
+                    format!("routes[{name}].redirect.scheme: expected http or https"),
+                );
             }
             PendingAction::Redirect(RedirectAction {
                 scheme: rd.scheme.as_ref().map(|s| s.value.clone()),
@@ -676,15 +673,15 @@ pub fn check(
                     ),
                 }
             }
-            if let Some(re) = &rw.regex {
-                if let Some(r) = c.regex(
+            if let Some(re) = &rw.regex
+                && let Some(r) = c.regex(
                     &re.pattern,
                     &format!("routes[{name}].rewrite.regex.pattern"),
-                ) {
-                    // Unanchored for substitution: strip the anchors `regex()` added.
-                    let unanchored = Regex::new(&re.pattern.value).unwrap_or(r);
-                    rewrite.regex = Some((unanchored, re.substitution.clone()));
-                }
+                )
+            {
+                // Unanchored for substitution: strip the anchors `regex()` added.
+                let unanchored = Regex::new(&re.pattern.value).unwrap_or(r);
+                rewrite.regex = Some((unanchored, re.substitution.clone()));
             }
             if rewrite.prefix.is_some() && rewrite.regex.is_some() {
                 c.err(

@@ -73,7 +73,7 @@ pub fn parse_v1(text: &str) -> Result<Option<SocketAddr>, ProxyHeaderError> {
         .next()
         .and_then(|s| s.parse().ok())
         .ok_or(ProxyHeaderError::Malformed("bad source address"))?;
-    let _dst: IpAddr = parts
+    let dst: IpAddr = parts
         .next()
         .and_then(|s| s.parse().ok())
         .ok_or(ProxyHeaderError::Malformed("bad destination address"))?;
@@ -88,8 +88,10 @@ pub fn parse_v1(text: &str) -> Result<Option<SocketAddr>, ProxyHeaderError> {
     if parts.next().is_some() {
         return Err(ProxyHeaderError::Malformed("trailing fields"));
     }
-    match (proto, src) {
-        ("TCP4", IpAddr::V4(_)) | ("TCP6", IpAddr::V6(_)) => Ok(Some(SocketAddr::new(src, sport))),
+    match (proto, src, dst) {
+        ("TCP4", IpAddr::V4(_), IpAddr::V4(_)) | ("TCP6", IpAddr::V6(_), IpAddr::V6(_)) => {
+            Ok(Some(SocketAddr::new(src, sport)))
+        }
         _ => Err(ProxyHeaderError::Malformed(
             "protocol does not match address family",
         )),

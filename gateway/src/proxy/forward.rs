@@ -410,13 +410,13 @@ fn legacy_error(e: &hyper_util::client::legacy::Error) -> AttemptError {
 }
 
 fn hyper_error(e: &hyper::Error) -> AttemptError {
-    if let Some(h2) = find_source::<h2::Error>(e) {
-        if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
-            return AttemptError {
-                failure: Failure::RefusedStream,
-                error: ProxyError::Reset("refused stream".into()),
-            };
-        }
+    if let Some(h2) = find_source::<h2::Error>(e)
+        && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+    {
+        return AttemptError {
+            failure: Failure::RefusedStream,
+            error: ProxyError::Reset("refused stream".into()),
+        };
     }
     AttemptError {
         failure: Failure::Reset,

@@ -170,20 +170,20 @@ impl Rewrite {
 
     /// The new path for `path`.
     pub fn path<'a>(&self, path: &'a str) -> std::borrow::Cow<'a, str> {
-        if let Some((from, to)) = &self.prefix {
-            if let Some(rest) = path.strip_prefix(from.as_str()) {
-                let mut out = String::with_capacity(to.len() + rest.len());
-                out.push_str(to);
-                if to.ends_with('/') && rest.starts_with('/') {
-                    out.push_str(&rest[1..]);
-                } else {
-                    out.push_str(rest);
-                }
-                if out.is_empty() {
-                    out.push('/');
-                }
-                return out.into();
+        if let Some((from, to)) = &self.prefix
+            && let Some(rest) = path.strip_prefix(from.as_str())
+        {
+            let mut out = String::with_capacity(to.len() + rest.len());
+            out.push_str(to);
+            if to.ends_with('/') && rest.starts_with('/') {
+                out.push_str(&rest[1..]);
+            } else {
+                out.push_str(rest);
             }
+            if out.is_empty() {
+                out.push('/');
+            }
+            return out.into();
         }
         if let Some((re, sub)) = &self.regex {
             return re.replace_all(path, sub.as_str());

@@ -190,10 +190,10 @@ impl Format {
     pub fn request_headers(&self) -> Vec<HeaderName> {
         let mut names = Vec::new();
         let mut add = |k: &HeaderKey| {
-            if let HeaderKey::Name(n) = k {
-                if !names.contains(n) {
-                    names.push(n.clone());
-                }
+            if let HeaderKey::Name(n) = k
+                && !names.contains(n)
+            {
+                names.push(n.clone());
             }
         };
         for p in self.pieces() {

@@ -63,7 +63,10 @@ impl Default for CodeCounts {
 impl CodeCounts {
     /// Count one response.
     pub fn inc(&self, code: u16) {
-        if let Some(c) = self.0.get(usize::from(code.saturating_sub(100))) {
+        if let Some(c) = usize::from(code)
+            .checked_sub(100)
+            .and_then(|i| self.0.get(i))
+        {
             c.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -298,13 +298,13 @@ impl Cluster {
         let now = now_ms();
         let usable =
             |e: &Endpoint| e.is_available(now) && exclude.is_none_or(|x| !std::ptr::eq(x, e));
-        if let (Policy::RingHash(on), Some(ring)) = (self.balancer.policy(), &group.ring) {
-            if let Some(h) = request_hash(on, ctx) {
-                let i = ring
-                    .lookup(h, |i| !usable(&eps[i]))
-                    .or_else(|| ring.lookup(h, |_| false))?;
-                return Some(eps[i].clone());
-            }
+        if let (Policy::RingHash(on), Some(ring)) = (self.balancer.policy(), &group.ring)
+            && let Some(h) = request_hash(on, ctx)
+        {
+            let i = ring
+                .lookup(h, |i| !usable(&eps[i]))
+                .or_else(|| ring.lookup(h, |_| false))?;
+            return Some(eps[i].clone());
         }
         if eps.iter().all(|e| usable(e)) {
             return Some(eps[self.balancer.pick(eps, ctx.random)].clone());

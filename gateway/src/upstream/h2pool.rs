@@ -42,10 +42,10 @@ impl H2Pool {
 
     /// A ready sender to `addr`, connecting if there is none.
     pub async fn sender(&self, addr: SocketAddr) -> Result<SendRequest<ProxyBody>, H2Error> {
-        if let Some(s) = self.conns.lock().expect("h2 pool lock").get(&addr) {
-            if s.is_ready() {
-                return Ok(s.clone());
-            }
+        if let Some(s) = self.conns.lock().expect("h2 pool lock").get(&addr)
+            && s.is_ready()
+        {
+            return Ok(s.clone());
         }
         let fut = {
             let mut c = self.connector.lock().expect("h2 pool lock");

@@ -1,0 +1,7 @@
+//! Black-box tests: the gateway on real sockets (127.0.0.1, port 0) in front of real upstream
+//! servers. One test binary made of modules keeps link time down.
+
+mod config;
+mod routing;
+mod support;
+mod upstreams;
