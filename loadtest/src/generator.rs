@@ -170,6 +170,8 @@ struct Shared {
     measure_start: Instant,
     end: Instant,
     tickets: Option<Tickets>,
+    /// Open loop: one permit per request that has fallen due (see [`crate::schedule::pace`]).
+    due: tokio::sync::Semaphore,
     live: Live,
 }
 
@@ -322,8 +324,18 @@ pub async fn run(mut cfg: LoadConfig) -> Result<RunReport, LoadError> {
         measure_start,
         end,
         tickets,
+        due: tokio::sync::Semaphore::new(0),
         live: Live::default(),
     });
+    if let Some(t) = &shared.tickets {
+        let schedule = *t.schedule();
+        let workers = shared.cfg.connections * shared.cfg.streams;
+        let pacer = shared.clone();
+        std::thread::Builder::new()
+            .name("weir-load-pacer".into())
+            .spawn(move || crate::schedule::pace(schedule, &pacer.due, workers))
+            .map_err(|e| LoadError::Config(format!("starting the pacing thread: {e}")))?;
+    }
 
     let bar = progress.then(|| spawn_progress(shared.clone()));
     let tasks: Vec<_> = (0..shared.cfg.connections)
@@ -494,8 +506,8 @@ impl Shared {
                 (now < self.end).then_some((now, now >= self.measure_start))
             }
             Some(t) => {
+                self.due.acquire().await.ok()?.forget();
                 let (_, at) = t.claim()?;
-                tokio::time::sleep_until(at.into()).await;
                 Some((at, at >= self.measure_start))
             }
         }
@@ -641,6 +653,51 @@ async fn per_request_loop(shared: &Shared, worker: usize, stats: &mut Stats) {
     }
 }
 
+/// Sends one request as `cfg` describes (its first target) on a fresh connection and returns
+/// the status; used to wait until a server is ready.
+pub async fn probe(cfg: &LoadConfig) -> Result<u16, String> {
+    let shared = shared_for(cfg.clone()).map_err(|e| e.to_string())?;
+    let (uri, host) = &shared.requests[0];
+    let attempt = async {
+        let mut sender = connect(&shared).await?;
+        let (status, _) = exchange(&mut sender, uri, host, true).await?;
+        Ok::<_, BoxError>(status)
+    };
+    match tokio::time::timeout(cfg.timeout, attempt).await {
+        Ok(Ok(status)) => Ok(status),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+/// A [`Shared`] for one-off connections (no run, no window).
+fn shared_for(mut cfg: LoadConfig) -> Result<Shared, LoadError> {
+    cfg.new_connection_per_request = false;
+    validate(&cfg)?;
+    let requests = build_requests(&cfg)?;
+    let tls = match &cfg.tls {
+        Some(base) if cfg.protocol.is_tls() => {
+            let mut config = (**base).clone();
+            config.alpn_protocols = vec![cfg.protocol.alpn().to_vec()];
+            let name = ServerName::try_from(cfg.server_name.clone())
+                .map_err(|e| LoadError::Config(e.to_string()))?;
+            Some((TlsConnector::from(Arc::new(config)), name))
+        }
+        _ => None,
+    };
+    let now = Instant::now();
+    Ok(Shared {
+        cfg,
+        requests,
+        tls,
+        measure_start: now,
+        end: now,
+        tickets: None,
+        due: tokio::sync::Semaphore::new(0),
+        live: Live::default(),
+    })
+}
+
 /// What [`hold_idle`] achieved.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct IdleReport {
@@ -664,30 +721,7 @@ pub async fn hold_idle(
     on_ready: impl FnOnce(&IdleReport),
 ) -> Result<IdleReport, LoadError> {
     use futures_util::StreamExt;
-    let mut cfg = cfg.clone();
-    cfg.new_connection_per_request = false;
-    validate(&cfg)?;
-    let requests = build_requests(&cfg)?;
-    let tls = match &cfg.tls {
-        Some(base) if cfg.protocol.is_tls() => {
-            let mut config = (**base).clone();
-            config.alpn_protocols = vec![cfg.protocol.alpn().to_vec()];
-            let name = ServerName::try_from(cfg.server_name.clone())
-                .map_err(|e| LoadError::Config(e.to_string()))?;
-            Some((TlsConnector::from(Arc::new(config)), name))
-        }
-        _ => None,
-    };
-    let now = Instant::now();
-    let shared = Shared {
-        cfg,
-        requests,
-        tls,
-        measure_start: now,
-        end: now,
-        tickets: None,
-        live: Live::default(),
-    };
+    let shared = shared_for(cfg.clone())?;
     let shared = &shared;
     let senders: Vec<Option<Sender>> = futures_util::stream::iter(0..count)
         .map(|i| async move {

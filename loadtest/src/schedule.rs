@@ -51,6 +51,16 @@ impl Schedule {
         self.interval
     }
 
+    /// How many requests are due at `now` (intended time at or before it), at most [`Self::len`].
+    pub fn due_by(&self, now: Instant) -> u64 {
+        if self.len == 0 || now < self.start {
+            return 0;
+        }
+        let elapsed = (now - self.start).as_nanos();
+        let due = elapsed / self.interval.as_nanos().max(1) + 1;
+        u64::try_from(due).unwrap_or(u64::MAX).min(self.len)
+    }
+
     /// The intended send time of request `i`, or `None` past the end of the schedule.
     pub fn intended(&self, i: u64) -> Option<Instant> {
         if i >= self.len {
@@ -65,8 +75,9 @@ impl Schedule {
 
 /// Hands out the requests of a [`Schedule`] to the workers, in order, each exactly once.
 ///
-/// A worker claims the next ticket when it is free, waits for its intended time and sends. When
-/// every worker is busy, the next ticket is claimed late, and its latency includes that wait.
+/// A worker claims the next ticket when it is free and its time has come (the generator releases
+/// tickets from a pacing thread, see [`pace`]). When every worker is busy, the next ticket is
+/// claimed late, and its latency includes that wait.
 #[derive(Debug)]
 pub struct Tickets {
     schedule: Schedule,
@@ -104,6 +115,26 @@ impl Tickets {
     }
 }
 
+/// Releases the requests of `schedule` as they fall due, by adding one permit per request to
+/// `permits` (from a plain thread, whose sleeps are far finer than tokio's 1 ms timer wheel).
+/// Once all are released it adds `sentinels` more, so that every waiting worker wakes up, finds
+/// no ticket left and stops.
+pub fn pace(schedule: Schedule, permits: &tokio::sync::Semaphore, sentinels: usize) {
+    let mut released = 0u64;
+    while released < schedule.len() {
+        let now = Instant::now();
+        let due = schedule.due_by(now);
+        if due > released {
+            permits.add_permits(usize::try_from(due - released).unwrap_or(usize::MAX));
+            released = due;
+        }
+        if let Some(next) = schedule.intended(released) {
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+    }
+    permits.add_permits(sentinels);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +169,20 @@ mod tests {
     }
 
     #[test]
+    fn due_counts_follow_the_intended_times() {
+        let start = Instant::now();
+        let s = Schedule::new(start, 1000.0, Duration::from_millis(10));
+        assert_eq!(s.due_by(start - Duration::from_millis(1)), 0);
+        assert_eq!(s.due_by(start), 1);
+        assert_eq!(s.due_by(start + Duration::from_micros(999)), 1);
+        assert_eq!(s.due_by(start + Duration::from_millis(1)), 2);
+        assert_eq!(s.due_by(start + Duration::from_secs(5)), 10);
+        for i in 0..10 {
+            assert_eq!(s.due_by(s.intended(i).unwrap()), i + 1);
+        }
+    }
+
+    #[test]
     fn fractional_counts_round_down() {
         let s = Schedule::new(Instant::now(), 2.5, Duration::from_millis(1900));
         assert_eq!(s.len(), 4);
@@ -164,6 +209,22 @@ mod tests {
         }
         assert!(t.claim().is_none());
         assert!(t.exhausted());
+    }
+
+    #[test]
+    fn pacing_releases_every_request_on_time_then_the_sentinels() {
+        let start = Instant::now();
+        let s = Schedule::new(start, 2_000.0, Duration::from_millis(50));
+        let permits = tokio::sync::Semaphore::new(0);
+        std::thread::scope(|scope| {
+            scope.spawn(|| pace(s, &permits, 3));
+            // Half-way through, about half of the requests are released.
+            std::thread::sleep(Duration::from_millis(25));
+            let mid = permits.available_permits();
+            assert!((30..=70).contains(&mid), "{mid}");
+        });
+        assert!(start.elapsed() >= Duration::from_millis(49));
+        assert_eq!(permits.available_permits(), 100 + 3);
     }
 
     #[test]
