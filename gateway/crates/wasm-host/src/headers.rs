@@ -14,19 +14,19 @@ pub(crate) const MAX_MAP_BYTES: usize = 1 << 20;
 
 /// Serialize pairs: u32 count, count × (u32 key len, u32 value len), then each key and value
 /// followed by a NUL byte; little-endian. An empty list serializes to nothing (a null map).
-pub(crate) fn serialize<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone) -> Vec<u8> {
-    let mut n = 0usize;
-    let mut size = 4usize;
-    for (k, v) in pairs.clone() {
-        n += 1;
-        size += 8 + k.len() + v.len() + 2;
-    }
+pub(crate) fn serialize<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<u8> {
+    let pairs: Vec<(&[u8], &[u8])> = pairs.collect();
+    let n = pairs.len();
     if n == 0 {
         return Vec::new();
     }
+    let size = 4 + pairs
+        .iter()
+        .map(|(k, v)| 10 + k.len() + v.len())
+        .sum::<usize>();
     let mut out = Vec::with_capacity(size);
     out.extend_from_slice(&(n as u32).to_le_bytes());
-    for (k, v) in pairs.clone() {
+    for (k, v) in &pairs {
         out.extend_from_slice(&(k.len() as u32).to_le_bytes());
         out.extend_from_slice(&(v.len() as u32).to_le_bytes());
     }
@@ -124,21 +124,26 @@ impl MapRef<'_> {
             }
             MapRef::Response(h) => {
                 let status = h.status.as_str().as_bytes();
-                serialize(std::iter::once((&b":status"[..], status)).chain(
-                    h.headers
-                        .iter()
-                        .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
-                ))
-            }
-            MapRef::Plain(m) => serialize(m.iter().map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes()))),
-            MapRef::ReadOnly(m, status) => {
-                let s = status.map(|s| s.as_str().as_bytes().to_vec()).unwrap_or_default();
-                let first = status.map(|_| (&b":status"[..], &s[..]));
                 serialize(
-                    first.into_iter().chain(
-                        m.iter()
+                    std::iter::once((&b":status"[..], status)).chain(
+                        h.headers
+                            .iter()
                             .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
                     ),
+                )
+            }
+            MapRef::Plain(m) => {
+                serialize(m.iter().map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())))
+            }
+            MapRef::ReadOnly(m, status) => {
+                let s = status
+                    .map(|s| s.as_str().as_bytes().to_vec())
+                    .unwrap_or_default();
+                let first = status.map(|_| (&b":status"[..], &s[..]));
+                serialize(
+                    first
+                        .into_iter()
+                        .chain(m.iter().map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes()))),
                 )
             }
         }
@@ -180,7 +185,9 @@ impl MapRef<'_> {
         let text = || String::from_utf8(v.to_vec()).map_err(|_| Status::BadArgument);
         match self {
             MapRef::Request(h) => match key {
-                b":method" => h.method = http::Method::from_bytes(v).map_err(|_| Status::BadArgument)?,
+                b":method" => {
+                    h.method = http::Method::from_bytes(v).map_err(|_| Status::BadArgument)?
+                }
                 b":scheme" => h.scheme = text()?,
                 b":authority" => h.authority = text()?,
                 b":path" => h.path = text()?,
@@ -285,7 +292,10 @@ mod tests {
         let pairs = [(&b"a"[..], &b"1"[..]), (b"bb", b"")];
         let s = serialize(pairs.into_iter());
         let back = deserialize(&s).unwrap();
-        assert_eq!(back, vec![(b"a".to_vec(), b"1".to_vec()), (b"bb".to_vec(), vec![])]);
+        assert_eq!(
+            back,
+            vec![(b"a".to_vec(), b"1".to_vec()), (b"bb".to_vec(), vec![])]
+        );
         assert!(serialize(std::iter::empty()).is_empty());
     }
 
@@ -295,7 +305,10 @@ mod tests {
         s[4] = 200;
         assert_eq!(deserialize(&s), Err(Status::BadArgument));
         assert_eq!(deserialize(&[1, 0]), Err(Status::BadArgument));
-        assert_eq!(deserialize(&[0xff, 0xff, 0xff, 0xff]), Err(Status::BadArgument));
+        assert_eq!(
+            deserialize(&[0xff, 0xff, 0xff, 0xff]),
+            Err(Status::BadArgument)
+        );
     }
 
     #[test]

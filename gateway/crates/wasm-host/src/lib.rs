@@ -1,1 +1,46 @@
-//! The proxy-wasm host of Weir.
+//! The proxy-wasm host of Weir: runs proxy-wasm filters (ABI 0.2.1, 0.2.0 and 0.1.0) in
+//! wasmtime, the way Envoy does.
+//!
+//! - [`Engine`]: one per process; compiles and caches modules, links every host function,
+//!   bumps the epoch that enforces callback deadlines.
+//! - [`Plugin`]: a module with its root context and configuration; VMs are shared by plugins
+//!   with the same module, vm_id and VM configuration, kept as a few replicas (one per worker
+//!   thread by default), each behind a mutex held only during a synchronous guest call.
+//! - [`HttpStream`]: one request through one plugin; the gateway drives its async callbacks in
+//!   order and acts on each [`Decision`].
+//! - [`HostEnv`]: what the gateway provides (HTTP callouts, foreign functions, logs).
+//!
+//! See the crate's README for how the gateway drives a stream.
+
+mod abi;
+mod check;
+mod config;
+mod error;
+mod headers;
+mod host_env;
+mod memory;
+mod metrics;
+mod plugin;
+mod properties;
+mod shared;
+mod state;
+mod stream;
+mod types;
+mod vm;
+
+pub use abi::CallTrailers;
+pub use check::{CheckError, CheckReport, ImportInfo, check_module};
+pub use config::{EngineConfig, FailPolicy, Limits, PluginConfig};
+pub use error::{CallError, PluginError};
+pub use host_env::{
+    CallResponse, ForeignFunction, ForeignRegistry, HostEnv, NoopEnv, RATE_LIMIT_FUNCTION,
+};
+pub use metrics::{
+    Histogram, HistogramSnapshot, MetricSample, MetricValue, PluginStats, StatsSnapshot,
+    filter_metrics, prometheus_name, render_filter_metrics,
+};
+pub use plugin::{Engine, Plugin};
+pub use stream::{
+    Decision, HttpStream, LocalReply, RequestHead, ResponseHead, StreamInfo, TlsInfo,
+};
+pub use types::{AbiVersion, LogLevel, Status};

@@ -298,10 +298,6 @@ pub struct PluginStats {
     pub interruptions: AtomicU64,
     /// Callbacks that failed because the VM hit its memory cap.
     pub memory_cap_hits: AtomicU64,
-    /// VM replicas started (first starts and recreations).
-    pub vm_starts: AtomicU64,
-    /// VM replica starts that failed.
-    pub vm_start_failures: AtomicU64,
     /// Requests that got the failure policy (any policy).
     pub failed_streams: AtomicU64,
     /// Wall time per guest callback, in microseconds.
@@ -321,9 +317,9 @@ pub struct StatsSnapshot {
     pub interruptions: u64,
     /// See [`PluginStats::memory_cap_hits`].
     pub memory_cap_hits: u64,
-    /// See [`PluginStats::vm_starts`].
+    /// VM replicas started (first starts and recreations) of the VM the plugin runs in.
     pub vm_starts: u64,
-    /// See [`PluginStats::vm_start_failures`].
+    /// VM replica starts that failed.
     pub vm_start_failures: u64,
     /// See [`PluginStats::failed_streams`].
     pub failed_streams: u64,
@@ -342,8 +338,8 @@ impl PluginStats {
             traps: l(&self.traps),
             interruptions: l(&self.interruptions),
             memory_cap_hits: l(&self.memory_cap_hits),
-            vm_starts: l(&self.vm_starts),
-            vm_start_failures: l(&self.vm_start_failures),
+            vm_starts: 0,
+            vm_start_failures: 0,
             failed_streams: l(&self.failed_streams),
             callback_micros: self.callback_micros.snapshot(),
             memory_bytes: l(&self.memory_bytes),
@@ -355,7 +351,10 @@ impl StatsSnapshot {
     /// Append these stats to `out` in the Prometheus text format, labelled `plugin="NAME"`.
     /// (`# TYPE` lines are left to the caller, who may render several plugins.)
     pub fn render_prometheus(&self, plugin: &str, out: &mut String) {
-        let label = format!("plugin=\"{}\"", plugin.replace('\\', "\\\\").replace('"', "\\\""));
+        let label = format!(
+            "plugin=\"{}\"",
+            plugin.replace('\\', "\\\\").replace('"', "\\\"")
+        );
         for (name, v) in [
             ("weir_wasm_callbacks_total", self.callbacks),
             ("weir_wasm_traps_total", self.traps),
@@ -391,7 +390,7 @@ mod tests {
         increment(c, 3).unwrap();
         assert_eq!(get(c), Ok(3));
         increment(g, -2).unwrap();
-        assert_eq!(get(g) .map(|v| v as i64), Ok(-2));
+        assert_eq!(get(g).map(|v| v as i64), Ok(-2));
         record(h, 7).unwrap();
         assert_eq!(get(h), Err(Status::BadArgument));
         assert_eq!(get(c | 1), Err(Status::NotFound));

@@ -2,7 +2,7 @@
 //! tasks (timers, root-context callouts, queue wake-ups).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -80,8 +80,8 @@ impl Engine {
                 wasmtime::Cache::new(cc).map_err(|e| PluginError::Engine(format!("cache: {e}")))?;
             cfg.cache(Some(cache));
         }
-        let wasmtime = wasmtime::Engine::new(&cfg)
-            .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        let wasmtime =
+            wasmtime::Engine::new(&cfg).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&wasmtime);
         crate::abi::add_to_linker(&mut linker)
             .map_err(|e| PluginError::Engine(format!("linker: {e:#}")))?;
@@ -119,15 +119,20 @@ impl Engine {
 
     /// Compile `bytes` (or take it from the in-memory cache by sha256; the on-disk cache, when
     /// configured, serves recompilations across restarts).
-    pub(crate) fn compile(&self, bytes: &[u8], plugin: &str) -> Result<([u8; 32], Module), PluginError> {
+    pub(crate) fn compile(
+        &self,
+        bytes: &[u8],
+        plugin: &str,
+    ) -> Result<([u8; 32], Module), PluginError> {
         let hash: [u8; 32] = Sha256::digest(bytes).into();
         if let Some(m) = lock(&self.inner.modules).get(&hash) {
             return Ok((hash, m.clone()));
         }
-        let module = Module::new(&self.inner.wasmtime, bytes).map_err(|e| PluginError::Compile {
-            plugin: plugin.to_owned(),
-            message: format!("{e:#}"),
-        })?;
+        let module =
+            Module::new(&self.inner.wasmtime, bytes).map_err(|e| PluginError::Compile {
+                plugin: plugin.to_owned(),
+                message: format!("{e:#}"),
+            })?;
         lock(&self.inner.modules).insert(hash, module.clone());
         Ok((hash, module))
     }
@@ -170,6 +175,8 @@ pub(crate) struct VmGroup {
     next_ctx: AtomicU32,
     rr: AtomicUsize,
     runtime: Option<tokio::runtime::Handle>,
+    starts: AtomicU64,
+    start_failures: AtomicU64,
 }
 
 impl Drop for VmGroup {
@@ -207,9 +214,7 @@ impl VmGroup {
         if slot.vm.is_some() {
             return Ok(());
         }
-        if !force
-            && let Some(at) = slot.failed_at
-        {
+        if !force && let Some(at) = slot.failed_at {
             let exp = slot.failures.saturating_sub(1).min(16);
             let backoff = self
                 .restart_backoff
@@ -225,19 +230,16 @@ impl VmGroup {
         match Vm::start(
             &self.pre,
             shared,
-            self.abi,
             self.max_memory,
             self.startup_deadline,
             self.engine.config.epoch_tick,
         ) {
             Ok(mut vm) => {
-                for r in &roots {
-                    r.stats.vm_starts.fetch_add(1, Ordering::Relaxed);
-                }
+                self.starts.fetch_add(1, Ordering::Relaxed);
                 for r in &roots {
                     if let Err((step, msg)) = vm.create_root(r) {
                         tracing::error!(plugin = %r.plugin_name, ?step, "wasm VM restart: root context failed: {msg}");
-                        r.stats.vm_start_failures.fetch_add(1, Ordering::Relaxed);
+                        self.start_failures.fetch_add(1, Ordering::Relaxed);
                         self.mark_failed(idx, slot);
                         return Err(format!(
                             "plugin {}: root context failed to start ({step:?}) {msg}",
@@ -252,9 +254,7 @@ impl VmGroup {
             }
             Err(msg) => {
                 tracing::error!("wasm VM start failed: {msg}");
-                for r in &roots {
-                    r.stats.vm_start_failures.fetch_add(1, Ordering::Relaxed);
-                }
+                self.start_failures.fetch_add(1, Ordering::Relaxed);
                 self.mark_failed(idx, slot);
                 Err(msg)
             }
@@ -344,12 +344,14 @@ impl VmGroup {
                 let state = vm.store.data_mut();
                 state.effective = context_id;
                 state.phase = Phase::Running;
-                let r = vm.guarded(spec.limits.callback_deadline, &spec.stats, |ex, store| {
-                    match &ex.queue_ready {
+                let r = vm.guarded(
+                    spec.limits.callback_deadline,
+                    &spec.stats,
+                    |ex, store| match &ex.queue_ready {
                         Some(f) => f.call(store, (context_id as i32, queue_id as i32)),
                         None => Ok(()),
-                    }
-                });
+                    },
+                );
                 self.after_root_call(idx, &mut slot, &spec, r);
             }
         }
@@ -395,12 +397,14 @@ impl VmGroup {
             let state = vm.store.data_mut();
             state.effective = id;
             state.phase = Phase::Running;
-            let r = vm.guarded(spec.limits.callback_deadline, &spec.stats, |ex, store| {
-                match &ex.tick {
+            let r = vm.guarded(
+                spec.limits.callback_deadline,
+                &spec.stats,
+                |ex, store| match &ex.tick {
                     Some(f) => f.call(store, id as i32),
                     None => Ok(()),
-                }
-            });
+                },
+            );
             let failed = r.is_err();
             self.after_root_call(idx, &mut slot, &spec, r);
             if failed {
@@ -523,8 +527,10 @@ pub(crate) fn deliver_callout(
     state.callout = view;
     state.effective = root;
     state.phase = Phase::Running;
-    let r = vm.guarded(spec.limits.callback_deadline, &spec.stats, |ex, store| {
-        match &ex.http_call_response {
+    let r = vm.guarded(
+        spec.limits.callback_deadline,
+        &spec.stats,
+        |ex, store| match &ex.http_call_response {
             Some(f) => f.call(
                 store,
                 (
@@ -536,8 +542,8 @@ pub(crate) fn deliver_callout(
                 ),
             ),
             None => Ok(()),
-        }
-    });
+        },
+    );
     let state = vm.store.data_mut();
     state.callout = None;
     state.last_status = (0, Bytes::new());
@@ -618,11 +624,12 @@ impl Plugin {
         env: Arc<dyn HostEnv>,
     ) -> Result<Arc<Plugin>, PluginError> {
         let (hash, module) = engine.compile(&config.module, &config.name)?;
-        let abi = AbiVersion::from_exports(module.exports().map(|e| e.name())).ok_or_else(|| {
-            PluginError::NoAbiMarker {
-                plugin: config.name.clone(),
-            }
-        })?;
+        let abi =
+            AbiVersion::from_exports(module.exports().map(|e| e.name())).ok_or_else(|| {
+                PluginError::NoAbiMarker {
+                    plugin: config.name.clone(),
+                }
+            })?;
         let unknown = crate::check::unknown_imports(&module);
         if !unknown.is_empty() {
             return Err(PluginError::UnknownImports {
@@ -698,10 +705,13 @@ impl Plugin {
         self.root.fail
     }
 
-    /// A copy of the plugin's counters (shared with its per-route instances); `memory_bytes` is
-    /// the current linear memory of its VM replicas.
+    /// A copy of the plugin's counters (shared with its per-route instances). `vm_starts`,
+    /// `vm_start_failures` and `memory_bytes` are those of the VM replicas the plugin runs in
+    /// (shared with the other plugins of the same VM).
     pub fn stats(&self) -> StatsSnapshot {
         let mut s = self.root.stats.snapshot();
+        s.vm_starts = self.group.starts.load(Ordering::Relaxed);
+        s.vm_start_failures = self.group.start_failures.load(Ordering::Relaxed);
         s.memory_bytes = self
             .group
             .replicas
@@ -730,14 +740,15 @@ fn new_group(
     abi: AbiVersion,
     env: Arc<dyn HostEnv>,
 ) -> Result<Arc<VmGroup>, PluginError> {
-    let pre = engine
-        .inner
-        .linker
-        .instantiate_pre(module)
-        .map_err(|e| PluginError::Instantiate {
-            plugin: config.name.clone(),
-            message: format!("{e:#}"),
-        })?;
+    let pre =
+        engine
+            .inner
+            .linker
+            .instantiate_pre(module)
+            .map_err(|e| PluginError::Instantiate {
+                plugin: config.name.clone(),
+                message: format!("{e:#}"),
+            })?;
     let runtime = tokio::runtime::Handle::try_current().ok();
     let n = engine.inner.config.replicas.max(1);
     let mut receivers = Vec::with_capacity(n);
@@ -780,6 +791,8 @@ fn new_group(
         next_ctx: AtomicU32::new(1),
         rr: AtomicUsize::new(0),
         runtime: runtime.clone(),
+        starts: AtomicU64::new(0),
+        start_failures: AtomicU64::new(0),
     });
     for (idx, (rx, notify)) in receivers.into_iter().enumerate() {
         if let Some(rt) = &runtime {

@@ -85,9 +85,9 @@ pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
         }),
         "xds" => match seg(1) {
             "route_name" => stream.map(|s| text(&s.info.route_name)),
-            "cluster_name" => stream.map(|s| {
-                text(s.cluster.as_deref().unwrap_or(&s.info.cluster_name))
-            }),
+            "cluster_name" => {
+                stream.map(|s| text(s.cluster.as_deref().unwrap_or(&s.info.cluster_name)))
+            }
             "virtual_host_name" => stream.map(|s| text(&s.info.virtual_host_name)),
             "listener_name" => stream.map(|s| text(&s.info.listener_name)),
             "listener_direction" => Some(int(1)),
@@ -120,12 +120,10 @@ pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
                     }
                 }
                 "time" => Some(int(unix_ns(s.info.start_time))),
-                "duration" => Some(int(
-                    SystemTime::now()
-                        .duration_since(s.info.start_time)
-                        .map(|d| d.as_nanos() as u64)
-                        .unwrap_or(0),
-                )),
+                "duration" => Some(int(SystemTime::now()
+                    .duration_since(s.info.start_time)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0))),
                 "protocol" => Some(text(match s.info.protocol {
                     http::Version::HTTP_09 => "HTTP/0.9",
                     http::Version::HTTP_10 => "HTTP/1.0",
@@ -134,15 +132,13 @@ pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
                     _ => "HTTP/1.1",
                 })),
                 "size" => Some(int(s.request_body_bytes)),
-                "total_size" => Some(int(
-                    s.request_body_bytes
-                        + head.map_or(0, |h| {
-                            h.headers
-                                .iter()
-                                .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
-                                .sum()
-                        }),
-                )),
+                "total_size" => Some(int(s.request_body_bytes
+                    + head.map_or(0, |h| {
+                        h.headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
+                            .sum()
+                    }))),
                 _ => None,
             }
         }),
@@ -154,7 +150,11 @@ pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
                 "flags" => Some(int(0)),
                 "grpc_status" => head
                     .and_then(|h| h.headers.get("grpc-status"))
-                    .or_else(|| s.response_trailers.as_ref().and_then(|t| t.get("grpc-status")))
+                    .or_else(|| {
+                        s.response_trailers
+                            .as_ref()
+                            .and_then(|t| t.get("grpc-status"))
+                    })
                     .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
                     .map(int),
                 "headers" => head.map(|h| {
@@ -166,15 +166,13 @@ pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
                     MapRef::Plain(&mut t).serialize()
                 }),
                 "size" => Some(int(s.response_body_bytes)),
-                "total_size" => Some(int(
-                    s.response_body_bytes
-                        + head.map_or(0, |h| {
-                            h.headers
-                                .iter()
-                                .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
-                                .sum()
-                        }),
-                )),
+                "total_size" => Some(int(s.response_body_bytes
+                    + head.map_or(0, |h| {
+                        h.headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
+                            .sum()
+                    }))),
                 _ => None,
             }
         }),

@@ -25,7 +25,10 @@ pub(crate) fn shared_data() -> &'static SharedData {
 impl SharedData {
     fn new_cas(&self) -> u32 {
         loop {
-            let c = self.next_cas.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+            let c = self
+                .next_cas
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
             if c != 0 {
                 return c;
             }
@@ -43,7 +46,13 @@ impl SharedData {
 
     /// Set `key`. `cas` 0 writes unconditionally; a non-zero `cas` must match the current one when
     /// the key exists (`CAS_MISMATCH` otherwise). Every write assigns a new CAS.
-    pub(crate) fn set(&self, vm_id: &str, key: &[u8], value: Bytes, cas: u32) -> Result<(), Status> {
+    pub(crate) fn set(
+        &self,
+        vm_id: &str,
+        key: &[u8],
+        value: Bytes,
+        cas: u32,
+    ) -> Result<(), Status> {
         let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
         let map = maps.entry(vm_id.to_owned()).or_default();
         match map.get_mut(key) {

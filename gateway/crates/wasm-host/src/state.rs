@@ -17,7 +17,6 @@ use crate::host_env::{CallResponse, HostEnv};
 use crate::metrics::PluginStats;
 use crate::plugin::BgEvent;
 use crate::stream::{LocalReply, RequestHead, ResponseHead, StreamInfo};
-use crate::types::AbiVersion;
 
 /// What the guest is doing, which decides the host calls it may make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,7 +147,6 @@ pub(crate) struct HostState {
     pub memory: Option<Memory>,
     pub alloc: Option<TypedFunc<i32, i32>>,
     pub limiter: Limiter,
-    pub abi: AbiVersion,
     pub phase: Phase,
     /// The context host calls act on (`proxy_set_effective_context` changes it).
     pub effective: u32,
@@ -166,7 +164,7 @@ pub(crate) struct HostState {
 }
 
 impl HostState {
-    pub(crate) fn new(shared: Arc<VmShared>, abi: AbiVersion, max_memory: usize) -> Self {
+    pub(crate) fn new(shared: Arc<VmShared>, max_memory: usize) -> Self {
         Self {
             memory: None,
             alloc: None,
@@ -174,7 +172,6 @@ impl HostState {
                 max_memory,
                 hit: false,
             },
-            abi,
             phase: Phase::Start,
             effective: 0,
             roots: HashMap::new(),

@@ -268,9 +268,7 @@ impl HttpStream {
     /// Whether the filter changed the request headers (pseudo-headers included) or cleared the
     /// route cache: the gateway must match the route again before choosing the upstream.
     pub fn route_cache_cleared(&self) -> bool {
-        self.ctx
-            .as_ref()
-            .is_some_and(|c| c.request_headers_changed)
+        self.ctx.as_ref().is_some_and(|c| c.request_headers_changed)
     }
 
     /// Tell the stream which cluster and upstream address were chosen (`xds.cluster_name`,
@@ -345,7 +343,8 @@ impl HttpStream {
         for c in callouts {
             if c.owner == id {
                 let (token, fut) = (c.token, c.future);
-                self.pending.push(Box::pin(async move { (token, fut.await) }));
+                self.pending
+                    .push(Box::pin(async move { (token, fut.await) }));
             } else {
                 group.spawn_root_callout(self.replica, generation, c);
             }
@@ -366,7 +365,11 @@ impl HttpStream {
     /// Run a stream callback: create the context first if needed.
     fn callback(
         &mut self,
-        f: impl FnOnce(&crate::vm::Exports, &mut wasmtime::Store<crate::state::HostState>, i32) -> wasmtime::Result<i32>,
+        f: impl FnOnce(
+            &crate::vm::Exports,
+            &mut wasmtime::Store<crate::state::HostState>,
+            i32,
+        ) -> wasmtime::Result<i32>,
     ) -> Result<i32, ()> {
         let deadline = self.plugin.root.limits.callback_deadline;
         let stats = self.plugin.root.stats.clone();

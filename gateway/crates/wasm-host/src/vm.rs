@@ -8,7 +8,6 @@ use wasmtime::{Instance, InstancePre, Store, Trap, TypedFunc, WasmParams, WasmRe
 
 use crate::metrics::PluginStats;
 use crate::state::{HostState, Phase, RootSpec, VmShared};
-use crate::types::AbiVersion;
 
 /// The error `proc_exit` raises to stop the guest.
 #[derive(Debug)]
@@ -118,13 +117,12 @@ impl Vm {
     pub(crate) fn start(
         pre: &InstancePre<HostState>,
         shared: Arc<VmShared>,
-        abi: AbiVersion,
         max_memory: usize,
         startup_deadline: Duration,
         tick: Duration,
     ) -> Result<Vm, String> {
         let engine = pre.module().engine().clone();
-        let mut store = Store::new(&engine, HostState::new(shared, abi, max_memory));
+        let mut store = Store::new(&engine, HostState::new(shared, max_memory));
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(ticks(startup_deadline, tick));

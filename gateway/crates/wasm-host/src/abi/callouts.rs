@@ -42,7 +42,9 @@ fn http_call(
     let mut map = http::HeaderMap::with_capacity(pairs.len());
     for (k, v) in &pairs {
         match &k[..] {
-            b":method" => method = Some(http::Method::from_bytes(v).map_err(|_| Status::BadArgument)?),
+            b":method" => {
+                method = Some(http::Method::from_bytes(v).map_err(|_| Status::BadArgument)?)
+            }
             b":path" => path = Some(String::from_utf8(v.clone()).map_err(|_| Status::BadArgument)?),
             b":authority" => authority = Some(headers::value(v)?),
             k if k.starts_with(b":") => {}
@@ -68,7 +70,8 @@ fn http_call(
         }
         request.extensions_mut().insert(CallTrailers(t));
     }
-    let timeout = (timeout_ms as u32 > 0).then(|| Duration::from_millis(u64::from(timeout_ms as u32)));
+    let timeout =
+        (timeout_ms as u32 > 0).then(|| Duration::from_millis(u64::from(timeout_ms as u32)));
     let call = env.http_call(&cluster, request, timeout);
     let future = Box::pin(async move {
         match timeout {
@@ -156,11 +159,15 @@ pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_grpc_send",
         |_c: Caller<'_, HostState>, _: i32, _: i32, _: i32, _: i32| Ok(Status::NotFound.code()),
     )?;
-    linker.func_wrap("env", "proxy_grpc_cancel", |_c: Caller<'_, HostState>, _: i32| {
-        Ok(Status::NotFound.code())
-    })?;
-    linker.func_wrap("env", "proxy_grpc_close", |_c: Caller<'_, HostState>, _: i32| {
-        Ok(Status::NotFound.code())
-    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_grpc_cancel",
+        |_c: Caller<'_, HostState>, _: i32| Ok(Status::NotFound.code()),
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_grpc_close",
+        |_c: Caller<'_, HostState>, _: i32| Ok(Status::NotFound.code()),
+    )?;
     Ok(())
 }

@@ -23,7 +23,11 @@ fn set_tick(caller: &mut Caller<'_, HostState>, period_ms: i32) -> HostResult {
     let root = state.root().ok_or(Status::BadArgument)?.context_id;
     let period = Duration::from_millis(u64::from(period_ms as u32));
     {
-        let mut timers = state.shared.timers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut timers = state
+            .shared
+            .timers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if period.is_zero() {
             timers.remove(&root);
         } else {
@@ -38,7 +42,8 @@ fn set_effective(caller: &mut Caller<'_, HostState>, ctx: i32) -> HostResult {
     started(caller)?;
     let ctx = ctx as u32;
     let state = caller.data_mut();
-    let known = state.roots.contains_key(&ctx) || state.stream.as_ref().is_some_and(|s| s.id == ctx);
+    let known =
+        state.roots.contains_key(&ctx) || state.stream.as_ref().is_some_and(|s| s.id == ctx);
     if !known {
         return Err(Status::BadArgument.into());
     }

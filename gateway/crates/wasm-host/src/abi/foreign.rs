@@ -8,7 +8,15 @@ use crate::memory::{self, HostResult, finish};
 use crate::state::HostState;
 use crate::types::Status;
 
-fn call(c: &mut Caller<'_, HostState>, np: i32, nl: i32, ap: i32, al: i32, rp: i32, rl: i32) -> HostResult {
+fn call(
+    c: &mut Caller<'_, HostState>,
+    np: i32,
+    nl: i32,
+    ap: i32,
+    al: i32,
+    rp: i32,
+    rl: i32,
+) -> HostResult {
     started(c)?;
     let name = memory::read_string(c, np, nl)?;
     let args = memory::read(c, ap, al)?;

@@ -63,7 +63,14 @@ fn set_pairs(c: &mut Caller<'_, HostState>, which: i32, ptr: i32, len: i32) -> H
     Ok(())
 }
 
-fn get_value(c: &mut Caller<'_, HostState>, which: i32, kp: i32, kl: i32, rp: i32, rl: i32) -> HostResult {
+fn get_value(
+    c: &mut Caller<'_, HostState>,
+    which: i32,
+    kp: i32,
+    kl: i32,
+    rp: i32,
+    rl: i32,
+) -> HostResult {
     started(c)?;
     let key = memory::read(c, kp, kl)?;
     let v = map_of(c.data_mut(), which)?
@@ -78,7 +85,15 @@ enum Edit {
     Replace,
 }
 
-fn edit(c: &mut Caller<'_, HostState>, op: Edit, which: i32, kp: i32, kl: i32, vp: i32, vl: i32) -> HostResult {
+fn edit(
+    c: &mut Caller<'_, HostState>,
+    op: Edit,
+    which: i32,
+    kp: i32,
+    kl: i32,
+    vp: i32,
+    vl: i32,
+) -> HostResult {
     started(c)?;
     let key = memory::read(c, kp, kl)?;
     let value = memory::read(c, vp, vl)?;
@@ -96,7 +111,9 @@ fn remove(c: &mut Caller<'_, HostState>, which: i32, kp: i32, kl: i32) -> HostRe
     started(c)?;
     let key = memory::read(c, kp, kl)?;
     let state = c.data_mut();
-    map_of(state, which)?.ok_or(Status::BadArgument)?.remove(&key)?;
+    map_of(state, which)?
+        .ok_or(Status::BadArgument)?
+        .remove(&key)?;
     mark_changed(state, which);
     Ok(())
 }

@@ -21,6 +21,7 @@ mod shared;
 mod streams;
 mod wasi;
 
+pub use callouts::CallTrailers;
 pub(crate) use wasi::WASI_FUNCTIONS;
 
 /// Every `env` function the host links.

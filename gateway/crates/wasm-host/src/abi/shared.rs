@@ -41,7 +41,14 @@ fn register(c: &mut Caller<'_, HostState>, np: i32, nl: i32, ret: i32) -> HostRe
     memory::write_u32(c, ret, id)
 }
 
-fn resolve(c: &mut Caller<'_, HostState>, vp: i32, vl: i32, np: i32, nl: i32, ret: i32) -> HostResult {
+fn resolve(
+    c: &mut Caller<'_, HostState>,
+    vp: i32,
+    vl: i32,
+    np: i32,
+    nl: i32,
+    ret: i32,
+) -> HostResult {
     started(c)?;
     let vm_id = memory::read_string(c, vp, vl)?;
     let name = memory::read_string(c, np, nl)?;

@@ -111,7 +111,9 @@ pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
          hp: i32,
          hl: i32,
          grpc: i32| {
-            finish(send_local_response(&mut c, code, dp, dl, bp, bl, hp, hl, grpc))
+            finish(send_local_response(
+                &mut c, code, dp, dl, bp, bl, hp, hl, grpc,
+            ))
         },
     )?;
     linker.func_wrap(

@@ -1,0 +1,159 @@
+//! HTTP callouts, timers, shared queues.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use weir_wasm_host::{Decision, FailPolicy};
+
+use crate::support::{TestEnv, engine, exchange, hv, plugin, request};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_call_then_resume() {
+    let env = TestEnv::new();
+    let p = plugin(
+        &engine(1),
+        &env,
+        "callout",
+        "callout-ok",
+        "",
+        FailPolicy::Closed,
+    );
+    let x = exchange(&p, request("/api", &[("x-user", "alice")])).await;
+    assert_eq!(x.request_decision, Decision::Continue);
+    assert_eq!(hv(&x.request.headers, "x-auth"), Some("ok-alice"));
+    // :status + x-from
+    assert_eq!(hv(&x.request.headers, "x-callout-headers"), Some("2"));
+    let calls = env.calls.lock().unwrap();
+    let call = calls.last().unwrap();
+    assert_eq!(call.method(), http::Method::GET);
+    assert_eq!(call.uri().path(), "/check");
+    assert_eq!(call.headers().get("host").unwrap(), "auth");
+    assert_eq!(&call.body()[..], b"question");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_call_denied_and_failed() {
+    let env = TestEnv::new();
+    let p = plugin(
+        &engine(1),
+        &env,
+        "callout",
+        "callout-deny",
+        "",
+        FailPolicy::Closed,
+    );
+    let x = exchange(&p, request("/api", &[("x-user", "bob")])).await;
+    match &x.request_decision {
+        Decision::LocalReply(r) => {
+            assert_eq!(r.status, StatusCode::FORBIDDEN);
+            assert_eq!(hv(&r.headers, "x-upstream-status"), Some("401"));
+        }
+        other => panic!("expected 403, got {other:?}"),
+    }
+    let x = exchange(&p, request("/api", &[("x-user", "fail")])).await;
+    match &x.request_decision {
+        Decision::LocalReply(r) => {
+            assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+            assert_eq!(hv(&r.headers, "x-status"), Some("11"));
+            assert_eq!(hv(&r.headers, "x-status-message"), Some("reset"));
+        }
+        other => panic!("expected 502, got {other:?}"),
+    }
+    let x = exchange(&p, request("/bad-cluster", &[])).await;
+    assert_eq!(x.request_decision, Decision::Continue);
+    assert_eq!(
+        hv(&x.request.headers, "x-bad-cluster"),
+        Some("bad-argument")
+    );
+}
+
+async fn poll_value(
+    p: &std::sync::Arc<weir_wasm_host::Plugin>,
+    path: &str,
+    ok: impl Fn(&str) -> bool,
+) -> String {
+    // Waits (up to 20 s) for a background effect; not a timing assertion.
+    let mut last = String::new();
+    for _ in 0..2000 {
+        let x = exchange(p, request(path, &[])).await;
+        last = hv(&x.request.headers, "x-value").unwrap().to_owned();
+        if ok(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{path} never satisfied the condition; last value {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_tick_in_root_context() {
+    let env = TestEnv::new();
+    let p = plugin(
+        &engine(1),
+        &env,
+        "callout",
+        "callout-tick",
+        "tick",
+        FailPolicy::Closed,
+    );
+    poll_value(&p, "/ticks", |v| v.parse::<u64>().is_ok_and(|n| n >= 3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_context_callout() {
+    let env = TestEnv::new();
+    let p = plugin(
+        &engine(1),
+        &env,
+        "callout",
+        "callout-root",
+        "root-call",
+        FailPolicy::Closed,
+    );
+    let v = poll_value(&p, "/root-call", |v| v != "none").await;
+    assert_eq!(v, "200");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_queue_wakes_registrant() {
+    let env = TestEnv::new();
+    let p = plugin(
+        &engine(2),
+        &env,
+        "callout",
+        "callout-queue",
+        "",
+        FailPolicy::Closed,
+    );
+    let x = exchange(&p, request("/enqueue", &[("x-item", "item-1")])).await;
+    assert_eq!(x.request_decision, Decision::Continue);
+    let v = poll_value(&p, "/queue-last", |v| v == "item-1").await;
+    assert_eq!(v, "item-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_plugin_stops_its_timers_and_frees_vms() {
+    let env = TestEnv::new();
+    let p = plugin(
+        &engine(1),
+        &env,
+        "callout",
+        "callout-drop",
+        "tick",
+        FailPolicy::Closed,
+    );
+    poll_value(&p, "/ticks", |v| v != "none").await;
+    let weak = std::sync::Arc::downgrade(&p);
+    drop(p);
+    assert!(weak.upgrade().is_none(), "nothing else holds the plugin");
+    // A new plugin of the same vm_id gets new VMs (the old group is gone).
+    let p2 = plugin(
+        &engine(1),
+        &env,
+        "callout",
+        "callout-drop",
+        "",
+        FailPolicy::Closed,
+    );
+    assert_eq!(p2.stats().vm_starts, 1);
+}

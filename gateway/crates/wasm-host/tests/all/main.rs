@@ -1,0 +1,9 @@
+//! Integration tests of weir-wasm-host with real guests (built on demand by `support`).
+
+mod abi;
+mod callouts;
+mod check;
+mod containment;
+mod http;
+mod sharing;
+mod support;

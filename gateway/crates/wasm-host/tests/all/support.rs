@@ -1,0 +1,267 @@
+//! Test support: builds the guest crates on demand, a test `HostEnv`, and stream helpers.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use http::{HeaderMap, HeaderValue};
+use weir_wasm_host::{
+    CallError, CallResponse, Decision, Engine, EngineConfig, FailPolicy, ForeignFunction,
+    ForeignRegistry, HostEnv, HttpStream, LogLevel, Plugin, PluginConfig, RequestHead,
+    ResponseHead, Status, StreamInfo,
+};
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+fn guest_dir() -> PathBuf {
+    workspace_root().join("target/wasm-guests")
+}
+
+/// Build every guest once per test process (own target dir, so no lock on the outer build).
+fn build_guests() -> &'static PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = guest_dir();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace_root())
+            .env("CARGO_TARGET_DIR", &dir)
+            .args(["build", "--profile", "wasm", "--target", "wasm32-wasip1"]);
+        for g in ["http", "callout", "bad", "bench"] {
+            cmd.args(["-p", &format!("weir-guest-{g}")]);
+        }
+        let status = cmd.status().expect("run cargo to build the test guests");
+        assert!(status.success(), "building the test guests failed");
+        dir.join("wasm32-wasip1/wasm")
+    })
+}
+
+/// The bytes of guest `name` (`http`, `callout`, `bad`, `bench`).
+pub fn guest(name: &str) -> Arc<[u8]> {
+    let path = build_guests().join(format!("weir_guest_{name}.wasm"));
+    std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .into()
+}
+
+/// An engine with `replicas` VM replicas, compiling through the on-disk cache.
+pub fn engine(replicas: usize) -> Engine {
+    Engine::new(EngineConfig {
+        cache_dir: Some(guest_dir().join("compile-cache")),
+        replicas,
+        ..EngineConfig::default()
+    })
+    .expect("engine")
+}
+
+/// The test host environment: cluster `auth` answers by `x-user` (`alice` → 200 `ok-alice`,
+/// `fail` → reset, anything else → 401); foreign function `weir_test_echo` reverses its
+/// argument; logs are recorded.
+#[derive(Default)]
+pub struct TestEnv {
+    pub logs: Mutex<Vec<(String, LogLevel, String)>>,
+    pub calls: Mutex<Vec<http::Request<Bytes>>>,
+    foreign: ForeignRegistry,
+}
+
+impl TestEnv {
+    pub fn new() -> Arc<Self> {
+        let mut foreign = ForeignRegistry::new();
+        foreign.register("weir_test_echo", |args: &[u8]| {
+            if args == b"fail" {
+                return Err(Status::BadArgument);
+            }
+            let mut v = args.to_vec();
+            v.reverse();
+            Ok(Bytes::from(v))
+        });
+        Arc::new(Self {
+            foreign,
+            ..Default::default()
+        })
+    }
+
+    pub fn logged(&self, needle: &str) -> bool {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, _, m)| m.contains(needle))
+    }
+}
+
+impl HostEnv for TestEnv {
+    fn has_cluster(&self, cluster: &str) -> bool {
+        cluster == "auth"
+    }
+
+    fn http_call(
+        &self,
+        _cluster: &str,
+        request: http::Request<Bytes>,
+        _timeout: Option<Duration>,
+    ) -> BoxFuture<'static, Result<CallResponse, CallError>> {
+        let user = request
+            .headers()
+            .get("x-user")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        self.calls.lock().unwrap().push(request);
+        Box::pin(async move {
+            // Answer asynchronously, as a real upstream would.
+            tokio::task::yield_now().await;
+            match user.as_str() {
+                "fail" => Err(CallError::Reset("connection refused".into())),
+                "alice" | "" => {
+                    let mut r = http::Response::new(Bytes::from(format!("ok-{user}")));
+                    r.headers_mut()
+                        .insert("x-from", HeaderValue::from_static("auth"));
+                    Ok(CallResponse {
+                        response: r,
+                        trailers: HeaderMap::new(),
+                    })
+                }
+                _ => {
+                    let mut r = http::Response::new(Bytes::new());
+                    *r.status_mut() = http::StatusCode::UNAUTHORIZED;
+                    Ok(CallResponse {
+                        response: r,
+                        trailers: HeaderMap::new(),
+                    })
+                }
+            }
+        })
+    }
+
+    fn foreign_function(&self, name: &str) -> Option<ForeignFunction> {
+        self.foreign.get(name)
+    }
+
+    fn log(&self, plugin: &str, level: LogLevel, message: &str) {
+        self.logs
+            .lock()
+            .unwrap()
+            .push((plugin.to_owned(), level, message.to_owned()));
+    }
+
+    fn log_level(&self) -> LogLevel {
+        LogLevel::Debug
+    }
+}
+
+/// A plugin of guest `name` with `configuration`, a vm_id unique to the caller.
+pub fn plugin(
+    engine: &Engine,
+    env: &Arc<TestEnv>,
+    name: &str,
+    vm_id: &str,
+    configuration: &str,
+    fail: FailPolicy,
+) -> Arc<Plugin> {
+    try_plugin(engine, env, name, vm_id, configuration, fail).expect("plugin")
+}
+
+/// Like [`plugin`], returning the error.
+pub fn try_plugin(
+    engine: &Engine,
+    env: &Arc<TestEnv>,
+    name: &str,
+    vm_id: &str,
+    configuration: &str,
+    fail: FailPolicy,
+) -> Result<Arc<Plugin>, weir_wasm_host::PluginError> {
+    let mut cfg = PluginConfig::new(format!("{name}-plugin"), guest(name));
+    cfg.vm_id = vm_id.to_owned();
+    cfg.configuration = Bytes::copy_from_slice(configuration.as_bytes());
+    cfg.fail = fail;
+    Plugin::new(engine, cfg, env.clone() as Arc<dyn HostEnv>)
+}
+
+/// A GET request head for `path` with `headers`.
+pub fn request(path: &str, headers: &[(&str, &str)]) -> RequestHead {
+    let mut head = RequestHead {
+        authority: "example.com".into(),
+        path: path.into(),
+        ..RequestHead::default()
+    };
+    for (k, v) in headers {
+        head.headers.append(
+            http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    head
+}
+
+/// Stream info with a source address.
+pub fn info() -> Arc<StreamInfo> {
+    Arc::new(StreamInfo {
+        source: Some("10.0.0.7:4242".parse().unwrap()),
+        destination: Some("127.0.0.1:8080".parse().unwrap()),
+        connection_id: 77,
+        route_name: "route-a".into(),
+        ..StreamInfo::default()
+    })
+}
+
+/// What a full request through one stream produced.
+#[allow(dead_code)]
+pub struct Exchange {
+    pub request: RequestHead,
+    pub request_decision: Decision,
+    pub response: ResponseHead,
+    pub response_decision: Decision,
+    pub route_cleared: bool,
+}
+
+/// Drive one header-only request: request headers, then response headers (the local reply if
+/// the request was answered locally), then finish.
+pub async fn exchange(plugin: &Arc<Plugin>, mut head: RequestHead) -> Exchange {
+    let mut stream = plugin.new_stream(info());
+    let request_decision = stream.on_request_headers(&mut head, true).await;
+    let route_cleared = stream.route_cache_cleared();
+    let mut response = match &request_decision {
+        Decision::LocalReply(r) => ResponseHead {
+            status: r.status,
+            headers: r.headers.clone(),
+        },
+        _ => ResponseHead::default(),
+    };
+    let response_decision = stream.on_response_headers(&mut response, true).await;
+    stream.finish();
+    Exchange {
+        request: head,
+        request_decision,
+        response,
+        response_decision,
+        route_cleared,
+    }
+}
+
+/// A header value as a string.
+pub fn hv<'a>(map: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    map.get(name).map(|v| v.to_str().unwrap())
+}
+
+/// Drive a stream's request body in chunks; returns the decisions and the forwarded bytes.
+pub async fn body_chunks(stream: &mut HttpStream, chunks: &[&str]) -> (Vec<Decision>, Vec<u8>) {
+    let mut out = Vec::new();
+    let mut decisions = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        let mut buf = BytesMut::from(c.as_bytes());
+        let d = stream
+            .on_request_body(&mut buf, i + 1 == chunks.len())
+            .await;
+        out.extend_from_slice(&buf);
+        decisions.push(d);
+    }
+    (decisions, out)
+}
