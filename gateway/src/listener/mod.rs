@@ -172,9 +172,11 @@ async fn accept_loop(
         g.downstream_connections.fetch_add(1, Ordering::Relaxed);
         let guard = ConnCount::new(active.clone(), shared.clone());
         let shared = shared.clone();
+        let listener_stopped = stop.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            if let Err(e) = handle_connection(shared, spec, stream, remote).await {
+            if let Err(e) = handle_connection(shared, spec, stream, remote, listener_stopped).await
+            {
                 tracing::debug!(error = %e, "connection ended with error");
             }
         });
@@ -208,11 +210,14 @@ impl Drop for ConnCount {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Serve one downstream connection until it ends, the gateway shuts down, or its listener is
+/// removed (then in-flight requests finish and the connection closes, as Envoy drains).
 async fn handle_connection(
     shared: Arc<Shared>,
     spec: ListenerSpec,
     mut stream: TcpStream,
     peer: SocketAddr,
+    listener_stopped: watch::Receiver<bool>,
 ) -> Result<(), BoxError> {
     stream.set_nodelay(true)?;
     let local = stream.local_addr()?;
@@ -235,11 +240,21 @@ async fn handle_connection(
         tls: spec.tls.is_some(),
         sni: None,
         allow_underscores: limits.allow_underscores_in_headers,
+        active_requests: std::sync::atomic::AtomicUsize::new(0),
+        last_activity_ms: std::sync::atomic::AtomicU64::new(crate::upstream::endpoint::now_ms()),
     };
     match &spec.tls {
         None => {
             let conn = Arc::new(conn);
-            serve_http(shared, conn, TokioIo::new(stream), &limits, None).await
+            serve_http(
+                shared,
+                conn,
+                TokioIo::new(stream),
+                &limits,
+                None,
+                listener_stopped,
+            )
+            .await
         }
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
@@ -250,7 +265,15 @@ async fn handle_connection(
             conn.sni = session.server_name().map(str::to_string);
             let h2 = session.alpn_protocol() == Some(b"h2");
             let conn = Arc::new(conn);
-            serve_http(shared, conn, TokioIo::new(tls_stream), &limits, Some(h2)).await
+            serve_http(
+                shared,
+                conn,
+                TokioIo::new(tls_stream),
+                &limits,
+                Some(h2),
+                listener_stopped,
+            )
+            .await
         }
     }
 }
@@ -264,6 +287,7 @@ async fn serve_http<I>(
     io: I,
     limits: &Limits,
     alpn_h2: Option<bool>,
+    mut listener_stopped: watch::Receiver<bool>,
 ) -> Result<(), BoxError>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -291,6 +315,7 @@ where
         None => {}
     }
     let mut shutdown = shared.shutdown.subscribe();
+    let conn_for_idle = conn.clone();
     let service = service_fn(move |req| serve(shared.clone(), conn.clone(), req));
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
@@ -299,6 +324,24 @@ where
         _ = crate::flag_set(&mut shutdown) => {
             connection.as_mut().graceful_shutdown();
             connection.await
+        }
+        _ = idle(&conn_for_idle, limits.idle_timeout) => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+        _ = crate::flag_set(&mut listener_stopped) => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    }
+}
+
+/// Resolves once the connection has had no request in flight for `timeout`.
+async fn idle(conn: &ConnInfo, timeout: std::time::Duration) {
+    loop {
+        match conn.idle_for(timeout) {
+            Ok(()) => return,
+            Err(wait) => tokio::time::sleep(wait).await,
         }
     }
 }

@@ -49,6 +49,7 @@ pub struct Finish {
     /// Request body bytes, counted only when the access log is on.
     pub bytes_received: Option<Arc<AtomicU64>>,
     authority: http::HeaderValue,
+    _in_flight: super::service::InFlight,
 }
 
 impl Finish {
@@ -89,6 +90,7 @@ impl Finish {
             response_duration: None,
             bytes_received: None,
             authority,
+            _in_flight: super::service::InFlight::new(conn),
         }
     }
 

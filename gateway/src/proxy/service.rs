@@ -37,6 +37,48 @@ pub struct ConnInfo {
     pub sni: Option<String>,
     /// Accept header names containing `_`.
     pub allow_underscores: bool,
+    /// Requests in flight on this connection (for the idle timeout).
+    pub active_requests: std::sync::atomic::AtomicUsize,
+    /// When the last request finished, in `now_ms()` time.
+    pub last_activity_ms: std::sync::atomic::AtomicU64,
+}
+
+impl ConnInfo {
+    /// Whether the connection has had no request in flight for `idle`; else how long to wait
+    /// before asking again.
+    pub fn idle_for(&self, idle: std::time::Duration) -> Result<(), std::time::Duration> {
+        let idle_ms = idle.as_millis() as u64;
+        if self.active_requests.load(Ordering::Acquire) > 0 {
+            return Err(idle);
+        }
+        let since = crate::upstream::endpoint::now_ms()
+            .saturating_sub(self.last_activity_ms.load(Ordering::Acquire));
+        if since >= idle_ms {
+            Ok(())
+        } else {
+            Err(std::time::Duration::from_millis(idle_ms - since))
+        }
+    }
+}
+
+/// Counts a request in flight on its connection until dropped.
+pub struct InFlight(Arc<ConnInfo>);
+
+impl InFlight {
+    /// Count one request on `conn`.
+    pub fn new(conn: &Arc<ConnInfo>) -> InFlight {
+        conn.active_requests.fetch_add(1, Ordering::AcqRel);
+        InFlight(conn.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .last_activity_ms
+            .store(crate::upstream::endpoint::now_ms(), Ordering::Release);
+        self.0.active_requests.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Hop-by-hop headers, never forwarded (RFC 9110 §7.6.1 plus legacy ones).

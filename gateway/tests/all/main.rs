@@ -2,6 +2,10 @@
 //! servers. One test binary made of modules keeps link time down.
 
 mod config;
+mod hardening;
+mod lifecycle;
+mod protocols;
 mod routing;
+mod streams;
 mod support;
 mod upstreams;

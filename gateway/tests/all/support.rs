@@ -307,3 +307,73 @@ pub fn cert_files(dir: &std::path::Path, stem: &str, names: &[&str]) -> (String,
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
     (cert.display().to_string(), key.display().to_string(), pem)
 }
+
+/// A TLS connection to `addr` with SNI `sni`, trusting `ca_pem`, offering `alpn`. Returns the
+/// stream and the DER of the certificate the server presented.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    ca_pem: &str,
+    alpn: &[&[u8]],
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    Vec<u8>,
+) {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let stream = connector.connect(name, tcp).await.unwrap();
+    let cert = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    (stream, cert)
+}
+
+/// One request over an established connection, HTTP/2 if `h2`, else HTTP/1.1.
+pub async fn request_over<I>(io: I, h2: bool, req: Request<Full<Bytes>>) -> Reply
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    let resp = if h2 {
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        send.send_request(req).await.unwrap()
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        send.send_request(req).await.unwrap()
+    };
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let version = resp.version();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let mut headers = headers;
+    headers.insert("x-test-version", format!("{version:?}").parse().unwrap());
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// The PEM of a certificate as DER.
+pub fn pem_to_der(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
