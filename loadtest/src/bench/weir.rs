@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use super::peers::KEEPALIVE_S;
 use super::spec::ProxySpec;
 
 /// `weir.yaml` for `spec`; run as `weir run FILE`.
@@ -14,6 +15,11 @@ pub fn config(spec: &ProxySpec) -> String {
         c,
         "listeners:\n  - name: public\n    address: \"{}\"",
         spec.listen
+    );
+    let _ = writeln!(
+        c,
+        "    limits: {{ idle_timeout: {}s, max_connections: {} }}",
+        KEEPALIVE_S, spec.max_connections
     );
     if let Some(tls) = &spec.tls {
         let _ = writeln!(
@@ -60,7 +66,8 @@ pub fn config(spec: &ProxySpec) -> String {
     for (i, a) in spec.upstreams().iter().enumerate() {
         let _ = writeln!(
             c,
-            "  - name: up{i}\n    endpoints: [ {{ address: \"{a}\" }} ]"
+            "  - name: up{i}\n    endpoints: [ {{ address: \"{a}\" }} ]\n    idle_timeout: {KEEPALIVE_S}s\n    max_idle_per_endpoint: {}",
+            spec.upstream_keepalive
         );
     }
     c
@@ -82,8 +89,9 @@ mod tests {
         assert_eq!(
             c,
             "admin: { address: \"127.0.0.1:9901\" }\naccess_log: { enabled: false }\nlisteners:\n  - name: public\n    address: \"127.0.0.1:8080\"\n\
+             \x20   limits: { idle_timeout: 120s, max_connections: 20000 }\n\
              routes:\n  - name: r0\n    hosts: [\"*\"]\n    match: { path: { prefix: \"/\" } }\n    backends: [ { cluster: up0, weight: 1 } ]\n\
-             clusters:\n  - name: up0\n    endpoints: [ { address: \"127.0.0.1:5678\" } ]\n"
+             clusters:\n  - name: up0\n    endpoints: [ { address: \"127.0.0.1:5678\" } ]\n    idle_timeout: 120s\n    max_idle_per_endpoint: 128\n"
         );
     }
 
@@ -109,6 +117,6 @@ mod tests {
             c.contains("backends: [ { cluster: up0, weight: 90 }, { cluster: up1, weight: 10 } ]")
         );
         assert!(c.contains("tls: { certificates: [ { cert: \"/c.pem\", key: \"/k.pem\" } ] }"));
-        assert!(c.contains("  - name: up1\n    endpoints: [ { address: \"127.0.0.1:5679\" } ]"));
+        assert!(c.contains("  - name: up1\n    endpoints: [ { address: \"127.0.0.1:5679\" } ]\n"));
     }
 }
