@@ -1,0 +1,27 @@
+//! `weir-bench smoke` end to end: the runner starts the upstream (and Weir, when its binary was
+//! built next to this one), runs the generator as a child process, and writes its files.
+
+use std::process::Command;
+
+#[test]
+fn smoke_scenario_runs_and_writes_results() {
+    let out = std::env::temp_dir().join(format!("weir-bench-smoke-test-{}", std::process::id()));
+    let status = Command::new(env!("CARGO_BIN_EXE_weir-bench"))
+        .args(["smoke", "--duration", "1s", "--warmup", "200ms", "--out"])
+        .arg(&out)
+        .status()
+        .expect("weir-bench runs");
+    assert!(status.success(), "weir-bench smoke failed: {status}");
+    let md = std::fs::read_to_string(out.join("smoke.md")).expect("smoke.md written");
+    assert!(md.contains("| upstream (no proxy) |"), "{md}");
+    assert!(md.contains("- command: `"), "{md}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("smoke.json")).unwrap()).unwrap();
+    assert_eq!(json["sections"].as_array().map(Vec::len), Some(2));
+    assert!(
+        std::fs::read_to_string(out.join("smoke-1.svg"))
+            .unwrap()
+            .starts_with("<svg")
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}
