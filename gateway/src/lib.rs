@@ -41,6 +41,8 @@ pub struct Shared {
     /// Set to `true` to start graceful shutdown.
     pub shutdown: watch::Sender<bool>,
     config_path: PathBuf,
+    /// The file contents last loaded or rejected, so the watcher reacts to changes only.
+    last_source: std::sync::Mutex<String>,
     /// Serializes reloads and owns the running listeners and demo backends.
     control: Mutex<Control>,
 }
@@ -74,7 +76,8 @@ impl Gateway {
     /// Load `config_path`, bind everything it declares and start serving.
     pub async fn start(config_path: impl AsRef<Path>) -> Result<Gateway, StartError> {
         let config_path = config_path.as_ref().to_path_buf();
-        let checked = config::check_file(&config_path)?;
+        let source = config::read_file(&config_path)?;
+        let checked = config::check_source(&config_path, &source)?;
         let registry = Arc::new(Registry::default());
         let (shutdown, _) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -82,6 +85,7 @@ impl Gateway {
             registry: registry.clone(),
             shutdown,
             config_path,
+            last_source: std::sync::Mutex::new(source),
             control: Mutex::new(Control {
                 listeners: listener::Listeners::default(),
                 demos: demo::DemoBackends::default(),
@@ -211,16 +215,22 @@ impl Shared {
 
     async fn reload_locked(self: &Arc<Self>, control: &mut Control) -> Result<u64, ReloadError> {
         let path = self.config_path.clone();
-        let checked = tokio::task::spawn_blocking(move || config::check_file(&path))
-            .await
-            .map_err(|e| {
-                ConfigErrors(vec![config::ConfigError {
-                    file: String::new(),
-                    line: 0,
-                    column: 0,
-                    message: e.to_string(),
-                }])
-            })??;
+        let (source, checked) = tokio::task::spawn_blocking(move || {
+            let source = config::read_file(&path)?;
+            let checked = config::check_source(&path, &source);
+            Ok::<_, ConfigErrors>((source, checked))
+        })
+        .await
+        .map_err(|e| {
+            ConfigErrors(vec![config::ConfigError {
+                file: String::new(),
+                line: 0,
+                column: 0,
+                message: e.to_string(),
+            }])
+        })??;
+        *self.last_source.lock().expect("source lock") = source;
+        let checked = checked?;
         let bound = control.listeners.prepare(checked.listeners())?;
         let previous = self.snapshot.load_full();
         let version = previous.version + 1;
@@ -240,10 +250,6 @@ impl Shared {
 
 /// Reload when the config file's contents change (polled every second).
 async fn watch_file(shared: std::sync::Weak<Shared>) {
-    let mut last = match shared.upgrade() {
-        Some(s) => std::fs::read(&s.config_path).ok(),
-        None => return,
-    };
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let Some(s) = shared.upgrade() else { return };
@@ -253,9 +259,10 @@ async fn watch_file(shared: std::sync::Weak<Shared>) {
         if !s.snapshot.load().watch {
             continue;
         }
-        let now = std::fs::read(&s.config_path).ok();
-        if now.is_some() && now != last {
-            last = now;
+        let Ok(now) = std::fs::read_to_string(&s.config_path) else {
+            continue;
+        };
+        if now != *s.last_source.lock().expect("source lock") {
             match s.reload().await {
                 Ok(v) => tracing::info!(version = v, "config file changed: reloaded"),
                 Err(e) => tracing::error!(

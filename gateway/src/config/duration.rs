@@ -39,3 +39,17 @@ impl<'de> Deserialize<'de> for Duration {
 pub fn or(d: Option<Duration>, default: std::time::Duration) -> std::time::Duration {
     d.map(|d| d.0).unwrap_or(default)
 }
+
+impl schemars::JsonSchema for Duration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration: a number and a unit, e.g. `250ms`, `15s`, `1m 30s`. `0` alone means zero.",
+            "pattern": "^\\s*([0-9]+(\\.[0-9]+)?\\s*(ns|us|ms|s|sec|m|min|h|d)\\s*)+$|^0$"
+        })
+    }
+}

@@ -2,6 +2,7 @@
 
 pub mod compile;
 pub mod duration;
+pub mod reference;
 pub mod schema;
 
 use std::fmt;
@@ -82,10 +83,28 @@ fn yaml_error(e: &serde_saphyr::Error, file: &str) -> ConfigErrors {
 
 /// Read and check a config file, without side effects (what `weir validate` runs).
 pub fn check_file(path: &Path) -> Result<compile::Checked, ConfigErrors> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigErrors::one(&file, 0, 0, format!("cannot read config: {e}")))?;
-    check_text(&text, &file, path.parent().unwrap_or(Path::new(".")))
+    check_source(path, &read_file(path)?)
+}
+
+/// Read a config file.
+pub fn read_file(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors::one(
+            &path.display().to_string(),
+            0,
+            0,
+            format!("cannot read config: {e}"),
+        )
+    })
+}
+
+/// Check the text of the config file at `path` (relative paths resolve against its folder).
+pub fn check_source(path: &Path, text: &str) -> Result<compile::Checked, ConfigErrors> {
+    check_text(
+        text,
+        &path.display().to_string(),
+        path.parent().unwrap_or(Path::new(".")),
+    )
 }
 
 /// Check config text; relative paths in it are resolved against `base_dir`.

@@ -10,16 +10,51 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
-use serde_saphyr::Spanned;
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer};
+use serde_saphyr::Location;
 
 use super::duration::Duration;
 
-/// A value with its position in the file.
-pub type S<T> = Spanned<T>;
+/// A value with its position in the file, so that checks can name the line and column.
+#[derive(Debug, Clone)]
+pub struct S<T> {
+    /// The value.
+    pub value: T,
+    /// Where it was written (`Location::UNKNOWN` for defaults).
+    pub referenced: Location,
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for S<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let spanned = serde_saphyr::Spanned::<T>::deserialize(deserializer)?;
+        Ok(S {
+            value: spanned.value,
+            referenced: spanned.referenced,
+        })
+    }
+}
+
+impl<T: JsonSchema> JsonSchema for S<T> {
+    fn inline_schema() -> bool {
+        T::inline_schema()
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        T::schema_name()
+    }
+
+    fn schema_id() -> std::borrow::Cow<'static, str> {
+        T::schema_id()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        T::json_schema(generator)
+    }
+}
 
 /// The whole configuration file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The admin listener (health, metrics, config dump, reload). Default: `127.0.0.1:9901`.
@@ -47,7 +82,7 @@ pub struct Config {
 }
 
 /// Process-wide settings.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Server {
     /// How long graceful shutdown waits for in-flight requests. Default: `30s`.
@@ -57,7 +92,7 @@ pub struct Server {
 }
 
 /// The admin listener.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     /// Address to listen on. Default: `127.0.0.1:9901`. An empty string disables the admin listener.
@@ -71,11 +106,10 @@ fn default_admin_address() -> S<String> {
 
 /// A value that did not come from the file (a default).
 pub fn unspanned<T>(value: T) -> S<T> {
-    Spanned::new(
+    S {
         value,
-        serde_saphyr::Location::UNKNOWN,
-        serde_saphyr::Location::UNKNOWN,
-    )
+        referenced: Location::UNKNOWN,
+    }
 }
 
 impl Default for Admin {
@@ -87,7 +121,7 @@ impl Default for Admin {
 }
 
 /// A listener: an address where downstream clients connect.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     /// Unique name, used in metrics, logs and `routes[].listeners`.
@@ -106,7 +140,7 @@ pub struct Listener {
 }
 
 /// TLS termination settings.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTls {
     /// Certificates, chosen by SNI from each certificate's DNS names (exact first, then
@@ -115,7 +149,7 @@ pub struct ListenerTls {
 }
 
 /// One certificate chain and its private key, PEM files.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Certificate {
     /// PEM certificate chain file, leaf first.
@@ -128,7 +162,7 @@ pub struct Certificate {
 }
 
 /// Downstream protection limits. Defaults are as strict as Envoy's edge recommendations.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerLimits {
     /// Maximum total size of request headers. Default: `60 KiB` (61440).
@@ -149,7 +183,7 @@ pub struct ListenerLimits {
 }
 
 /// A route: which requests it matches and what it does with them.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// Unique name, used in metrics, logs and `/config_dump`.
@@ -189,7 +223,7 @@ pub struct Route {
 }
 
 /// Request conditions, all of which must hold.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteMatch {
     /// Path condition. Default: any path.
@@ -206,7 +240,7 @@ pub struct RouteMatch {
 }
 
 /// A path condition: exactly one of the fields. The query string is not part of the path.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PathMatch {
     /// The path equals this.
@@ -220,7 +254,7 @@ pub struct PathMatch {
 
 /// A header condition: `name` plus at most one of the value conditions. With none, the header
 /// must be present.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderMatch {
     /// Header name, case-insensitive.
@@ -236,7 +270,7 @@ pub struct HeaderMatch {
 }
 
 /// A query-parameter condition: `name` plus at most one value condition.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QueryMatch {
     /// Parameter name (exact, case-sensitive).
@@ -250,7 +284,7 @@ pub struct QueryMatch {
 }
 
 /// A weighted destination.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Backend {
     /// Cluster name.
@@ -262,7 +296,7 @@ pub struct Backend {
 }
 
 /// A redirect response. Unset parts keep the request's values.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Redirect {
     /// New scheme (`http` or `https`).
@@ -278,7 +312,7 @@ pub struct Redirect {
 }
 
 /// A fixed response.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DirectResponse {
     /// Status code.
@@ -291,7 +325,7 @@ pub struct DirectResponse {
 }
 
 /// Path and host rewrites applied before proxying.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rewrite {
     /// Replace the matched `match.path.prefix` with this.
@@ -303,7 +337,7 @@ pub struct Rewrite {
 }
 
 /// A regex substitution (`$1`, `${name}` refer to groups).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegexRewrite {
     /// Pattern, RE2 syntax.
@@ -313,7 +347,7 @@ pub struct RegexRewrite {
 }
 
 /// Header edits, applied in the order remove, set, add.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderEdits {
     /// Headers appended (keeping existing values).
@@ -328,7 +362,7 @@ pub struct HeaderEdits {
 }
 
 /// Retry policy (Envoy `retry_policy`, Istio `retries`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Retries {
     /// Retries after the first attempt. Default: `1`.
@@ -352,7 +386,7 @@ pub struct Retries {
 }
 
 /// A local rate limit (token bucket, per gateway process).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
     /// Requests allowed per `per`.
@@ -366,7 +400,7 @@ pub struct RateLimit {
 }
 
 /// An upstream cluster (Istio DestinationRule + ServiceEntry).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Cluster {
     /// Unique name.
@@ -402,7 +436,7 @@ pub struct Cluster {
 }
 
 /// One upstream endpoint.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
     /// `HOST:PORT`.
@@ -415,7 +449,7 @@ pub struct Endpoint {
 }
 
 /// A named subset of a cluster's endpoints.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Subset {
     /// Subset name, referenced by `routes[].backends[].subset`.
@@ -425,7 +459,7 @@ pub struct Subset {
 }
 
 /// Load-balancing policy.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoadBalancing {
     /// `round_robin`, `least_request` (power of two choices), `random` or `ring_hash`.
@@ -436,7 +470,7 @@ pub struct LoadBalancing {
 }
 
 /// TLS from Weir to the upstream.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTls {
     /// Server name sent in SNI and verified in the certificate. Default: the endpoint's host.
@@ -450,7 +484,7 @@ pub struct UpstreamTls {
 }
 
 /// Active HTTP health checks.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     /// Path requested. Default: `/healthz`.
@@ -466,7 +500,7 @@ pub struct HealthCheck {
 }
 
 /// Passive outlier detection (Envoy `outlier_detection`, Istio `outlierDetection`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutlierDetection {
     /// Consecutive 5xx responses that eject an endpoint. Default: `5`.
@@ -482,7 +516,7 @@ pub struct OutlierDetection {
 }
 
 /// Circuit-breaker limits. Past a limit the request fails fast with 503 and the `UO` flag.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CircuitBreakers {
     /// Maximum connections to the whole cluster. Default: `1024`.
@@ -494,7 +528,7 @@ pub struct CircuitBreakers {
 }
 
 /// The access log.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AccessLog {
     /// Write the access log. Default: `false`.
@@ -513,7 +547,7 @@ pub struct AccessLog {
 }
 
 /// A built-in demo upstream served by Weir itself.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DemoBackend {
     /// Name, for logs.

@@ -2,6 +2,7 @@
 //! HTTP/2 (ALPN) and h2c with the listener's limits. Listeners are added, removed and changed on
 //! reload without touching connections already open.
 
+pub mod h1_guard;
 pub mod proxy_protocol;
 
 use std::collections::HashMap;

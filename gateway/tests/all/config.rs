@@ -148,3 +148,27 @@ async fn broken_reload_is_rejected_and_old_table_keeps_serving() {
         "new"
     );
 }
+
+/// `configs/weir.schema.json` and `configs/reference.md` match the code (regenerate with
+/// `WEIR_BLESS=1`).
+#[test]
+fn reference_docs_are_current() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs");
+    let schema =
+        serde_json::to_string_pretty(&weir::config::reference::json_schema()).unwrap() + "\n";
+    let reference = weir::config::reference::reference_markdown();
+    let files = [
+        (format!("{dir}/weir.schema.json"), schema),
+        (format!("{dir}/reference.md"), reference),
+    ];
+    for (path, want) in files {
+        if std::env::var_os("WEIR_BLESS").is_some() {
+            std::fs::write(&path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            have == want,
+            "{path} is out of date: run `WEIR_BLESS=1 cargo test -p weir --test all config::reference`"
+        );
+    }
+}

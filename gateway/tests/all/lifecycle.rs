@@ -213,7 +213,7 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
     std::fs::write(
         &path,
         format!(
-            "admin: {{ address: \"\" }}\nlisteners:\n  - {{ name: main, address: \"127.0.0.1:{port}\" }}\nroutes:\n  - {{ name: r, backends: [ {{ cluster: c }} ] }}\nclusters:\n  - {{ name: c, endpoints: [ {{ address: \"{}\" }} ] }}\n",
+            "admin: {{ address: \"\" }}\nserver: {{ watch: false }}\nlisteners:\n  - {{ name: main, address: \"127.0.0.1:{port}\" }}\nroutes:\n  - {{ name: r, backends: [ {{ cluster: c }} ] }}\nclusters:\n  - {{ name: c, endpoints: [ {{ address: \"{}\" }} ] }}\n",
             slow.addr
         ),
     )
@@ -231,6 +231,25 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // SIGHUP reloads the file.
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("routes:\n", "routes:\n  - { name: hup, match: { path: { exact: /hup } }, direct_response: { status: 200, body: reloaded } }\n")).unwrap();
+    let hup = std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if rt.block_on(get(addr, "x", "/hup", &[])).body == "reloaded" {
+            reloaded = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(reloaded, "SIGHUP reloaded the config");
+
     let in_flight = rt.spawn(async move { get(addr, "x", "/", &[]).await.status });
     std::thread::sleep(Duration::from_millis(300));
     let kill = std::process::Command::new("kill")
@@ -251,4 +270,38 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
     );
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_file_is_reloaded_and_a_broken_one_is_not() {
+    let cfg = |body: &str| {
+        format!(
+            "admin: {{ address: 127.0.0.1:0 }}\nlisteners:\n  - {{ name: main, address: 127.0.0.1:0 }}\nroutes:\n  - {{ name: r, direct_response: {{ status: 200, body: {body} }} }}\n"
+        )
+    };
+    let gw = gateway(&cfg("one")).await;
+    let addr = gw.addr("main").await;
+    let wait_for = |want: &'static str| async move {
+        for _ in 0..100 {
+            if get(addr, "x", "/", &[]).await.body == want {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    gw.write(&cfg("two"));
+    assert!(
+        wait_for("two").await,
+        "the watcher reloaded the changed file"
+    );
+    gw.write("routes: [ { name: r, direct_response: { status: 999 } } ]\n");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        get(addr, "x", "/", &[]).await.body,
+        "two",
+        "the broken file is rejected"
+    );
+    let m = admin_get(gw.admin(), "/metrics").await.body;
+    assert!(m.contains("weir_config_reload_failures_total 1"), "{m}");
 }
