@@ -107,6 +107,10 @@ pub struct BenchOpts {
     /// Pin the generator to these CPUs.
     #[arg(long, global = true)]
     pub cpus_load: Option<String>,
+    /// Before a scenario, wait up to this long for the machine to be quiet (1-minute load
+    /// average below 1), so that other work does not skew the figures; 0 does not wait.
+    #[arg(long, global = true, default_value = "0s", value_parser = parse_duration)]
+    pub wait_quiet: Duration,
     /// Keep the work directory (configurations and logs) after the run.
     #[arg(long, global = true)]
     pub keep_workdir: bool,

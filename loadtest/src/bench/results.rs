@@ -129,7 +129,7 @@ impl Section {
         };
         let notes = self.rows.iter().any(|r| !r.note.is_empty());
         if self.memory {
-            out.push_str("| contender | RSS | Weir ÷ this |");
+            out.push_str("| contender | RSS | Weir ÷ this (above 1.00x: Weir uses more) |");
             out.push_str(if notes {
                 " note |\n|---|---:|---:|---|\n"
             } else {
@@ -227,6 +227,8 @@ pub struct Context {
     pub skipped: Vec<String>,
     /// Rounds, durations, connections.
     pub settings: String,
+    /// `/proc/loadavg` before the scenario and when it was written: other work on the machine.
+    pub load_average: String,
 }
 
 impl Context {
@@ -242,6 +244,7 @@ impl Context {
         );
         let _ = writeln!(out, "- placement: {}", self.placement);
         let _ = writeln!(out, "- settings: {}", self.settings);
+        let _ = writeln!(out, "- load average (1, 5, 15 min): {}", self.load_average);
         for (name, version) in &self.versions {
             let _ = writeln!(out, "- {name}: {version}");
         }
@@ -353,6 +356,7 @@ mod tests {
         s.rows[0].note = "10000 open".into();
         let md = s.markdown();
         assert!(md.contains("| nginx | 2.0 MiB | - | 10000 open |"), "{md}");
+        assert!(md.contains("Weir uses more"), "{md}");
     }
 
     #[test]

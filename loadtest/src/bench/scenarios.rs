@@ -100,6 +100,43 @@ pub struct Env {
     skipped: Vec<String>,
     pki: Option<PkiFiles>,
     command: String,
+    load_before: String,
+}
+
+/// The first three fields of `/proc/loadavg`.
+fn load_average() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Waits up to `limit` for the 1-minute load average to fall below 1.
+async fn wait_quiet(limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let one: f64 = load_average()
+            .split_whitespace()
+            .next()
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0.0);
+        if one < 1.0 {
+            return;
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "weir-bench: the machine is still busy (load average {}); running anyway",
+                load_average()
+            );
+            return;
+        }
+        eprintln!(
+            "weir-bench: waiting for a quiet machine (load average {})",
+            load_average()
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
 }
 
 impl Env {
@@ -122,6 +159,7 @@ impl Env {
             skipped: Vec::new(),
             pki: None,
             command,
+            load_before: load_average(),
         })
     }
 
@@ -249,6 +287,7 @@ impl Env {
             versions,
             skipped: self.skipped.clone(),
             settings,
+            load_average: format!("{} before, {} after", self.load_before, load_average()),
         }
     }
 
@@ -272,6 +311,13 @@ impl Env {
         listeners: usize,
         tls: bool,
     ) -> Result<(Proc, Vec<SocketAddr>), String> {
+        // The first upstream of a scenario marks its start: wait for quiet, note the load.
+        if !tls {
+            if !self.opts.wait_quiet.is_zero() {
+                wait_quiet(self.opts.wait_quiet).await;
+            }
+            self.load_before = load_average();
+        }
         let addrs: Vec<SocketAddr> = free_ports(listeners)?.into_iter().map(loopback).collect();
         let mut args: Vec<String> = vec!["upstream".into()];
         for a in &addrs {
