@@ -7,6 +7,9 @@ use http::{HeaderMap, StatusCode};
 use crate::stream::{RequestHead, ResponseHead};
 use crate::types::Status;
 
+/// A header name and value as raw bytes.
+pub(crate) type Pair = (Vec<u8>, Vec<u8>);
+
 /// Most pairs accepted in a map coming from the guest.
 pub(crate) const MAX_PAIRS: usize = 1024;
 /// Most bytes accepted in a serialized map coming from the guest.
@@ -41,7 +44,7 @@ pub(crate) fn serialize<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -
 
 /// Parse a serialized map from the guest, checking every length against the buffer and the
 /// limits (1,024 pairs, 1 MiB).
-pub(crate) fn deserialize(bytes: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Status> {
+pub(crate) fn deserialize(bytes: &[u8]) -> Result<Vec<Pair>, Status> {
     if bytes.is_empty() {
         return Ok(Vec::new());
     }

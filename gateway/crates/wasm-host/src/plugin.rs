@@ -28,7 +28,7 @@ pub(crate) enum BgEvent {
         generation: u64,
         owner: u32,
         token: u32,
-        result: Result<CallResponse, CallError>,
+        result: Box<Result<CallResponse, CallError>>,
     },
     /// Something was enqueued on a queue registered by `context_id`.
     QueueReady { context_id: u32, queue_id: u32 },
@@ -301,7 +301,7 @@ impl VmGroup {
                         generation,
                         owner: c.owner,
                         token: c.token,
-                        result,
+                        result: Box::new(result),
                     });
                 });
             }
@@ -330,7 +330,7 @@ impl VmGroup {
                     return;
                 };
                 let Some(vm) = slot.vm.as_mut() else { return };
-                let r = deliver_callout(vm, &spec, owner, token, result);
+                let r = deliver_callout(vm, &spec, owner, token, *result);
                 self.after_root_call(idx, &mut slot, &spec, r);
             }
             BgEvent::QueueReady {

@@ -10,10 +10,13 @@ use tokio::sync::mpsc::WeakUnboundedSender;
 use crate::plugin::BgEvent;
 use crate::types::Status;
 
+/// One vm_id's data: key → (value, CAS).
+type DataMap = HashMap<Vec<u8>, (Bytes, u32)>;
+
 /// Key-value store shared by all VMs with the same vm_id, with compare-and-swap.
 #[derive(Default)]
 pub(crate) struct SharedData {
-    maps: Mutex<HashMap<String, HashMap<Vec<u8>, (Bytes, u32)>>>,
+    maps: Mutex<HashMap<String, DataMap>>,
     next_cas: AtomicU32,
 }
 

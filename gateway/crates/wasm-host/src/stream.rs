@@ -262,7 +262,7 @@ impl HttpStream {
 
     fn ctx(&mut self) -> &mut StreamCtx {
         // The context is only out of `self` during a guest call, which `invoke` puts back.
-        self.ctx.get_or_insert_with(|| unreachable_ctx())
+        self.ctx.get_or_insert_with(unreachable_ctx)
     }
 
     /// Whether the filter changed the request headers (pseudo-headers included) or cleared the

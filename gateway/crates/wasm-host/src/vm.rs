@@ -49,6 +49,9 @@ pub(crate) enum HeadersFn {
     V2(TypedFunc<(i32, i32, i32), i32>),
 }
 
+/// Five i32 parameters (`proxy_on_http_call_response`).
+pub(crate) type I32x5 = (i32, i32, i32, i32, i32);
+
 /// The module's callbacks (absent ones are `None` and behave as if they returned Continue).
 #[derive(Clone, Default)]
 pub(crate) struct Exports {
@@ -66,7 +69,7 @@ pub(crate) struct Exports {
     pub response_headers: Option<HeadersFn>,
     pub response_body: Option<TypedFunc<(i32, i32, i32), i32>>,
     pub response_trailers: Option<TypedFunc<(i32, i32), i32>>,
-    pub http_call_response: Option<TypedFunc<(i32, i32, i32, i32, i32), ()>>,
+    pub http_call_response: Option<TypedFunc<I32x5, ()>>,
 }
 
 fn typed<P: WasmParams, R: WasmResults>(
@@ -236,9 +239,8 @@ impl Vm {
         state.effective = spec.context_id;
         state.phase = Phase::Running;
         let r = self.guarded(deadline, &spec.stats, |ex, store| {
-            match &ex.context_create {
-                Some(f) => f.call(&mut *store, (id, 0))?,
-                None => {}
+            if let Some(f) = &ex.context_create {
+                f.call(&mut *store, (id, 0))?;
             }
             let vm_config_len = store.data().shared.vm_configuration.len() as i32;
             store.data_mut().phase = Phase::VmStart;
