@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::Shared;
 use crate::proxy::service::{ConnInfo, serve};
 use crate::snapshot::{Limits, ListenerSpec};
+use h1_guard::{GuardStats, H1Guard};
 
 /// A running listener.
 struct Running {
@@ -244,13 +245,16 @@ async fn handle_connection(
         active_requests: std::sync::atomic::AtomicUsize::new(0),
         last_activity_ms: std::sync::atomic::AtomicU64::new(crate::upstream::endpoint::now_ms()),
     };
-    match &spec.tls {
+    let guard_stats = Arc::new(GuardStats::default());
+    let head_limit = limits.max_request_headers_bytes.max(8192);
+    let result = match &spec.tls {
         None => {
-            let conn = Arc::new(conn);
+            // HTTP/1.1 or h2c prior knowledge: the guard passes the HTTP/2 preface through.
+            let io = H1Guard::new(stream, guard_stats.clone()).max_head_bytes(head_limit);
             serve_http(
-                shared,
-                conn,
-                TokioIo::new(stream),
+                shared.clone(),
+                Arc::new(conn),
+                TokioIo::new(io),
                 &limits,
                 None,
                 listener_stopped,
@@ -266,17 +270,39 @@ async fn handle_connection(
             conn.sni = session.server_name().map(str::to_string);
             let h2 = session.alpn_protocol() == Some(b"h2");
             let conn = Arc::new(conn);
-            serve_http(
-                shared,
-                conn,
-                TokioIo::new(tls_stream),
-                &limits,
-                Some(h2),
-                listener_stopped,
-            )
-            .await
+            if h2 {
+                serve_http(
+                    shared.clone(),
+                    conn,
+                    TokioIo::new(tls_stream),
+                    &limits,
+                    Some(true),
+                    listener_stopped,
+                )
+                .await
+            } else {
+                let io = H1Guard::new(tls_stream, guard_stats.clone()).max_head_bytes(head_limit);
+                serve_http(
+                    shared.clone(),
+                    conn,
+                    TokioIo::new(io),
+                    &limits,
+                    Some(false),
+                    listener_stopped,
+                )
+                .await
+            }
         }
+    };
+    if let Some(reason) = guard_stats.reason() {
+        shared
+            .registry
+            .global
+            .downstream_protocol_errors
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%remote, reason, "malformed HTTP/1 request: 400 and close");
     }
+    result
 }
 
 /// Serve HTTP on an established (possibly TLS) connection with the listener's limits.

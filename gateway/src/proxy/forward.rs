@@ -154,17 +154,16 @@ pub async fn forward(
     }
     let may_retry = streaming.is_none() && !upgrade;
     let deadline = route.timeout.map(|t| Instant::now() + t);
-    let pick = PickContext {
-        headers: &parts.headers,
-        client_ip: conn.remote.ip(),
-        random: 0,
-    };
 
     let mut attempt = 0u32;
     let mut previous: Option<Arc<Endpoint>> = None;
     loop {
         let random = rand::random();
-        let ctx = PickContext { random, ..pick };
+        let ctx = PickContext {
+            headers: &parts.headers,
+            client_ip: conn.remote.ip(),
+            random,
+        };
         let ep = cluster
             .pick(backend.subset, &ctx, previous.as_deref())
             .ok_or(ProxyError::NoHealthyUpstream)?;
@@ -193,7 +192,13 @@ pub async fn forward(
         let mut upstream_req = builder
             .body(body)
             .map_err(|_| ProxyError::BadRequest("invalid request"))?;
-        *upstream_req.headers_mut() = parts.headers.clone();
+        // The headers are moved into the last attempt and copied only when a retry may follow.
+        let last_attempt = !may_retry || attempt >= policy.attempts;
+        *upstream_req.headers_mut() = if last_attempt {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
         if h2 {
             upstream_req.headers_mut().remove(header::HOST);
         } else if let Ok(host) = HeaderValue::from_str(&authority) {

@@ -121,20 +121,22 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
 
 /// A random RFC 4122 version-4 UUID.
 fn new_request_id() -> HeaderValue {
-    let b: [u8; 16] = rand::random();
-    let mut b = b;
+    let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let hex = |x: &[u8]| x.iter().map(|v| format!("{v:02x}")).collect::<String>();
-    let s = format!(
-        "{}-{}-{}-{}-{}",
-        hex(&b[0..4]),
-        hex(&b[4..6]),
-        hex(&b[6..8]),
-        hex(&b[8..10]),
-        hex(&b[10..16])
-    );
-    HeaderValue::from_str(&s).expect("hex is a valid header value")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 36];
+    let mut i = 0;
+    for (n, byte) in b.iter().enumerate() {
+        if matches!(n, 4 | 6 | 8 | 10) {
+            out[i] = b'-';
+            i += 1;
+        }
+        out[i] = HEX[usize::from(byte >> 4)];
+        out[i + 1] = HEX[usize::from(byte & 0x0f)];
+        i += 2;
+    }
+    HeaderValue::from_bytes(&out).expect("hex and dashes are a valid header value")
 }
 
 /// Checks hyper does not make: Host presence and uniqueness, underscores in names.

@@ -69,6 +69,12 @@ async fn malformed_requests_get_400_and_close() {
             b"GET / HTTP/1.1\r\nHost: a\r\nX: b\r\n c\r\n\r\n",
         ),
         ("bare CR", b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n"),
+        // Request smuggling vectors hyper alone accepts; the listener's framing guard rejects them.
+        ("content-length with transfer-encoding", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ("transfer-encoding list", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"),
+        ("duplicate identical content-length", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx"),
+        ("bare LF request line", b"GET / HTTP/1.1\nHost: a\r\n\r\n"),
+        ("bare LF header", b"GET / HTTP/1.1\r\nHost: a\nX: y\r\n\r\n"),
     ];
     for (name, bytes) in cases {
         let out = raw(addr, bytes, wait).await;
@@ -76,8 +82,49 @@ async fn malformed_requests_get_400_and_close() {
             status_line(&out).starts_with("HTTP/1.1 400"),
             "{name}: {out:?}"
         );
+        assert!(
+            out.to_ascii_lowercase().contains("connection: close"),
+            "{name}: 400 and close: {out:?}"
+        );
     }
     assert_eq!(up.hits(), 0, "nothing malformed reached the upstream");
+    // A good request, then a smuggling attempt on the same keep-alive connection.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    s.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.starts_with("HTTP/1.1 400"), "{rest}");
+    assert_eq!(
+        rest.matches("HTTP/1.1").count(),
+        1,
+        "nothing after the 400: {rest}"
+    );
+    assert_eq!(
+        up.hits(),
+        1,
+        "the smuggled request never reached the upstream"
+    );
+    let m = admin_get(gw.admin(), "/metrics").await.body;
+    let errors: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("weir_downstream_protocol_errors_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        errors >= 6,
+        "guard and request checks are counted: {errors}"
+    );
     // The underscore rule is configurable.
     let (gw2, up2) = start(", limits: { allow_underscores_in_headers: true }", "").await;
     let out = raw(
