@@ -16,7 +16,7 @@ use crate::config::{EngineConfig, FailPolicy, PluginConfig};
 use crate::error::{CallError, PluginError};
 use crate::host_env::{CallResponse, HostEnv};
 use crate::metrics::{PluginStats, StatsSnapshot};
-use crate::state::{CalloutView, HostState, NewCallout, Phase, RootSpec, VmShared};
+use crate::state::{CalloutKind, CalloutView, HostState, NewCallout, Phase, RootSpec, VmShared};
 use crate::stream::{HttpStream, StreamInfo};
 use crate::types::AbiVersion;
 use crate::vm::{Failure, RootFailure, Vm};
@@ -485,10 +485,110 @@ impl VmGroup {
     }
 }
 
-/// Hand a callout's result to the guest: `proxy_on_http_call_response(root, token, headers,
-/// body size, trailers)`; a failed callout reports 0/0/0 and `proxy_get_status` answers
-/// (11, "reset") meanwhile.
+/// Hand a callout's result to the guest. HTTP: `proxy_on_http_call_response(root, token,
+/// headers, body size, trailers)`; a failed callout reports 0/0/0 and `proxy_get_status`
+/// answers (11, "reset") meanwhile. gRPC (unary): `proxy_on_grpc_receive(root, token, size)`
+/// with the message in buffer 5, or `proxy_on_grpc_close(root, token, status)` with the status
+/// and message in `proxy_get_status`. Cancelled callouts are dropped.
 pub(crate) fn deliver_callout(
+    vm: &mut Vm,
+    spec: &RootSpec,
+    root: u32,
+    token: u32,
+    result: Result<CallResponse, CallError>,
+) -> Result<(), Failure> {
+    match vm.store.data_mut().live_callouts.remove(&token) {
+        None => Ok(()),
+        Some(CalloutKind::Grpc) => deliver_grpc(vm, spec, root, token, result),
+        Some(CalloutKind::Http) => deliver_http(vm, spec, root, token, result),
+    }
+}
+
+/// The outcome of a unary gRPC call: the response message, or a status code and message.
+fn grpc_outcome(result: Result<CallResponse, CallError>) -> Result<Bytes, (u32, String)> {
+    const DEADLINE_EXCEEDED: u32 = 4;
+    const INTERNAL: u32 = 13;
+    const UNAVAILABLE: u32 = 14;
+    const UNKNOWN: u32 = 2;
+    let r = match result {
+        Ok(r) => r,
+        Err(CallError::Timeout) => return Err((DEADLINE_EXCEEDED, "timeout".into())),
+        Err(e) => return Err((UNAVAILABLE, e.to_string())),
+    };
+    if r.response.status() != http::StatusCode::OK {
+        return Err((UNAVAILABLE, format!("HTTP status {}", r.response.status())));
+    }
+    let header = |name: &str| {
+        r.trailers
+            .get(name)
+            .or_else(|| r.response.headers().get(name))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let code = match header("grpc-status") {
+        Some(c) => c.trim().parse::<u32>().unwrap_or(UNKNOWN),
+        None => return Err((UNKNOWN, "no grpc-status".into())),
+    };
+    if code != 0 {
+        return Err((code, header("grpc-message").unwrap_or_default()));
+    }
+    let body = r.response.body();
+    if body.is_empty() {
+        return Ok(Bytes::new());
+    }
+    if body.len() < 5 || body[0] != 0 {
+        return Err((INTERNAL, "malformed or compressed gRPC frame".into()));
+    }
+    let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+    body.get(5..5 + len)
+        .map(|m| body.slice_ref(m))
+        .ok_or_else(|| (INTERNAL, "truncated gRPC frame".into()))
+}
+
+fn deliver_grpc(
+    vm: &mut Vm,
+    spec: &RootSpec,
+    root: u32,
+    token: u32,
+    result: Result<CallResponse, CallError>,
+) -> Result<(), Failure> {
+    let outcome = grpc_outcome(result);
+    let state = vm.store.data_mut();
+    state.effective = root;
+    state.phase = Phase::Running;
+    let r = match outcome {
+        Ok(message) => {
+            let len = message.len() as i32;
+            state.last_status = (0, Bytes::new());
+            state.grpc_message = Some(message);
+            vm.guarded(
+                spec.limits.callback_deadline,
+                &spec.stats,
+                |ex, store| match &ex.grpc_receive {
+                    Some(f) => f.call(store, (root as i32, token as i32, len)),
+                    None => Ok(()),
+                },
+            )
+        }
+        Err((code, message)) => {
+            state.last_status = (code, Bytes::from(message));
+            vm.guarded(
+                spec.limits.callback_deadline,
+                &spec.stats,
+                |ex, store| match &ex.grpc_close {
+                    Some(f) => f.call(store, (root as i32, token as i32, code as i32)),
+                    None => Ok(()),
+                },
+            )
+        }
+    };
+    let state = vm.store.data_mut();
+    state.grpc_message = None;
+    state.last_status = (0, Bytes::new());
+    r
+}
+
+fn deliver_http(
     vm: &mut Vm,
     spec: &RootSpec,
     root: u32,

@@ -57,6 +57,15 @@ pub(crate) struct VmShared {
     pub memory_bytes: AtomicU64,
 }
 
+/// What kind of callout a token stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CalloutKind {
+    /// `proxy_http_call`.
+    Http,
+    /// `proxy_grpc_call` (unary).
+    Grpc,
+}
+
 /// A callout issued by the guest in the current callback, started by the driver afterwards.
 pub(crate) struct NewCallout {
     pub token: u32,
@@ -159,6 +168,10 @@ pub(crate) struct HostState {
     pub next_token: u32,
     pub new_callouts: Vec<NewCallout>,
     pub callout: Option<CalloutView>,
+    /// Callouts issued and not yet answered or cancelled, by token.
+    pub live_callouts: HashMap<u32, CalloutKind>,
+    /// The gRPC response message, visible during `proxy_on_grpc_receive` (buffer 5).
+    pub grpc_message: Option<Bytes>,
     /// What `proxy_get_status` answers.
     pub last_status: (u32, Bytes),
 }
@@ -181,6 +194,8 @@ impl HostState {
             next_token: 0,
             new_callouts: Vec::new(),
             callout: None,
+            live_callouts: HashMap::new(),
+            grpc_message: None,
             last_status: (0, Bytes::new()),
         }
     }

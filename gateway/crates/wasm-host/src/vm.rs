@@ -70,6 +70,8 @@ pub(crate) struct Exports {
     pub response_body: Option<TypedFunc<(i32, i32, i32), i32>>,
     pub response_trailers: Option<TypedFunc<(i32, i32), i32>>,
     pub http_call_response: Option<TypedFunc<I32x5, ()>>,
+    pub grpc_receive: Option<TypedFunc<(i32, i32, i32), ()>>,
+    pub grpc_close: Option<TypedFunc<(i32, i32, i32), ()>>,
 }
 
 fn typed<P: WasmParams, R: WasmResults>(
@@ -158,6 +160,8 @@ impl Vm {
             response_body: typed(&instance, &mut store, "proxy_on_response_body")?,
             response_trailers: typed(&instance, &mut store, "proxy_on_response_trailers")?,
             http_call_response: typed(&instance, &mut store, "proxy_on_http_call_response")?,
+            grpc_receive: typed(&instance, &mut store, "proxy_on_grpc_receive")?,
+            grpc_close: typed(&instance, &mut store, "proxy_on_grpc_close")?,
         };
         if exports.context_create.is_none() {
             return Err("module exports no proxy_on_context_create".into());

@@ -23,6 +23,7 @@ fn bytes_of(state: &HostState, which: i32) -> Result<Bytes, Status> {
             .as_ref()
             .map(|c| c.body.clone())
             .ok_or(Status::NotFound),
+        buffer::GRPC_RECEIVE_BUFFER => state.grpc_message.clone().ok_or(Status::NotFound),
         buffer::VM_CONFIGURATION if state.phase == Phase::VmStart => {
             Ok(state.shared.vm_configuration.clone())
         }
@@ -30,12 +31,9 @@ fn bytes_of(state: &HostState, which: i32) -> Result<Bytes, Status> {
             .root()
             .map(|r| r.configuration.clone())
             .ok_or(Status::NotFound),
-        buffer::VM_CONFIGURATION
-        | buffer::PLUGIN_CONFIGURATION
-        | buffer::GRPC_RECEIVE_BUFFER
-        | buffer::CALL_DATA
-        | 2
-        | 3 => Err(Status::NotFound),
+        buffer::VM_CONFIGURATION | buffer::PLUGIN_CONFIGURATION | buffer::CALL_DATA | 2 | 3 => {
+            Err(Status::NotFound)
+        }
         _ => Err(Status::BadArgument),
     }
 }

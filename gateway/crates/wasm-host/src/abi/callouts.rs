@@ -1,5 +1,5 @@
-//! HTTP callouts (`proxy_http_call`) and gRPC (not supported yet: answers a status the SDKs
-//! turn into an error, never a missing import).
+//! HTTP callouts (`proxy_http_call`) and unary gRPC calls (`proxy_grpc_call`), both sent
+//! through [`crate::HostEnv::http_call`]. Streaming gRPC answers INTERNAL_FAILURE.
 
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use super::started;
 use crate::error::CallError;
 use crate::headers;
 use crate::memory::{self, HostResult, finish};
-use crate::state::{HostState, NewCallout};
+use crate::state::{CalloutKind, HostState, NewCallout};
 use crate::types::Status;
 
 /// Extra trailers of a callout request, carried in the request's extensions.
@@ -33,8 +33,7 @@ fn http_call(
     let raw_headers = memory::read(c, hdr.0, hdr.1)?;
     let body = memory::read(c, body.0, body.1)?;
     let raw_trailers = memory::read(c, trl.0, trl.1)?;
-    let env = c.data().shared.env.clone();
-    if !env.has_cluster(&cluster) {
+    if !c.data().shared.env.has_cluster(&cluster) {
         return Err(Status::BadArgument.into());
     }
     let pairs = headers::deserialize(&raw_headers)?;
@@ -70,9 +69,22 @@ fn http_call(
         }
         request.extensions_mut().insert(CallTrailers(t));
     }
+    let token = issue(c, &cluster, request, timeout_ms, CalloutKind::Http);
+    memory::write_u32(c, ret_token, token)
+}
+
+/// Start `request` to `cluster` through the gateway, as a new callout of the effective context.
+fn issue(
+    c: &mut Caller<'_, HostState>,
+    cluster: &str,
+    request: http::Request<Bytes>,
+    timeout_ms: i32,
+    kind: CalloutKind,
+) -> u32 {
+    let env = c.data().shared.env.clone();
     let timeout =
         (timeout_ms as u32 > 0).then(|| Duration::from_millis(u64::from(timeout_ms as u32)));
-    let call = env.http_call(&cluster, request, timeout);
+    let call = env.http_call(cluster, request, timeout);
     let future = Box::pin(async move {
         match timeout {
             Some(t) => tokio::time::timeout(t, call)
@@ -82,15 +94,95 @@ fn http_call(
         }
     });
     let state = c.data_mut();
-    state.next_token = state.next_token.wrapping_add(1).max(1);
-    let token = state.next_token;
+    let mut token = state.next_token;
+    loop {
+        token = token.wrapping_add(1).max(1);
+        if !state.live_callouts.contains_key(&token) {
+            break;
+        }
+    }
+    state.next_token = token;
+    state.live_callouts.insert(token, kind);
     let owner = state.effective;
     state.new_callouts.push(NewCallout {
         token,
         owner,
         future,
     });
+    token
+}
+
+/// `proxy_grpc_call`: a unary gRPC call sent as an HTTP/2 request through
+/// [`crate::HostEnv::http_call`] (`POST /{service}/{method}`, `content-type:
+/// application/grpc`, the message in one uncompressed frame). `service` names the cluster.
+#[allow(clippy::too_many_arguments)]
+fn grpc_call(
+    c: &mut Caller<'_, HostState>,
+    svc: (i32, i32),
+    name: (i32, i32),
+    method: (i32, i32),
+    metadata: (i32, i32),
+    message: (i32, i32),
+    timeout_ms: i32,
+    ret_token: i32,
+) -> HostResult {
+    started(c)?;
+    memory::check(c, ret_token, 4)?;
+    let cluster = memory::read_string(c, svc.0, svc.1)?;
+    let service = memory::read_string(c, name.0, name.1)?;
+    let method = memory::read_string(c, method.0, method.1)?;
+    let raw_metadata = memory::read(c, metadata.0, metadata.1)?;
+    let message = memory::read(c, message.0, message.1)?;
+    if !c.data().shared.env.has_cluster(&cluster) {
+        // The SDKs accept INTERNAL_FAILURE and PARSE_FAILURE here, not BAD_ARGUMENT.
+        return Err(Status::InternalFailure.into());
+    }
+    let uri: http::Uri = format!("/{service}/{method}")
+        .parse()
+        .map_err(|_| Status::ParseFailure)?;
+    let mut map = http::HeaderMap::new();
+    for (k, v) in headers::deserialize(&raw_metadata).map_err(|_| Status::ParseFailure)? {
+        if k.starts_with(b":") {
+            continue;
+        }
+        map.append(
+            headers::name(&k).map_err(|_| Status::ParseFailure)?,
+            headers::value(&v).map_err(|_| Status::ParseFailure)?,
+        );
+    }
+    map.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    map.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    map.insert(
+        http::header::HOST,
+        http::HeaderValue::from_str(&cluster).map_err(|_| Status::ParseFailure)?,
+    );
+    let mut body = Vec::with_capacity(5 + message.len());
+    body.push(0);
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let mut request = http::Request::new(Bytes::from(body));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = uri;
+    *request.version_mut() = http::Version::HTTP_2;
+    *request.headers_mut() = map;
+    let token = issue(c, &cluster, request, timeout_ms, CalloutKind::Grpc);
     memory::write_u32(c, ret_token, token)
+}
+
+/// `proxy_grpc_cancel` / `proxy_grpc_close` of a unary call: forget it (no callback follows).
+fn grpc_forget(c: &mut Caller<'_, HostState>, token: i32) -> HostResult {
+    started(c)?;
+    let state = c.data_mut();
+    match state.live_callouts.get(&(token as u32)) {
+        Some(CalloutKind::Grpc) => {
+            state.live_callouts.remove(&(token as u32));
+            Ok(())
+        }
+        _ => Err(Status::NotFound.into()),
+    }
 }
 
 pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
@@ -121,25 +213,36 @@ pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             },
         )?;
     }
-    // gRPC is not supported yet: calls answer INTERNAL_FAILURE (the Rust SDK returns it as an
-    // error), operations on tokens NOT_FOUND.
     linker.func_wrap(
         "env",
         "proxy_grpc_call",
-        |_c: Caller<'_, HostState>,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32| Ok(Status::InternalFailure.code()),
+        |mut c: Caller<'_, HostState>,
+         sp: i32,
+         sl: i32,
+         np: i32,
+         nl: i32,
+         mp: i32,
+         ml: i32,
+         hp: i32,
+         hl: i32,
+         bp: i32,
+         bl: i32,
+         timeout: i32,
+         ret: i32| {
+            finish(grpc_call(
+                &mut c,
+                (sp, sl),
+                (np, nl),
+                (mp, ml),
+                (hp, hl),
+                (bp, bl),
+                timeout,
+                ret,
+            ))
+        },
     )?;
+    // Streaming gRPC is not supported: INTERNAL_FAILURE (the Rust SDK returns it as an error);
+    // sending on a stream token answers NOT_FOUND.
     linker.func_wrap(
         "env",
         "proxy_grpc_stream",
@@ -159,15 +262,10 @@ pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_grpc_send",
         |_c: Caller<'_, HostState>, _: i32, _: i32, _: i32, _: i32| Ok(Status::NotFound.code()),
     )?;
-    linker.func_wrap(
-        "env",
-        "proxy_grpc_cancel",
-        |_c: Caller<'_, HostState>, _: i32| Ok(Status::NotFound.code()),
-    )?;
-    linker.func_wrap(
-        "env",
-        "proxy_grpc_close",
-        |_c: Caller<'_, HostState>, _: i32| Ok(Status::NotFound.code()),
-    )?;
+    for name in ["proxy_grpc_cancel", "proxy_grpc_close"] {
+        linker.func_wrap("env", name, |mut c: Caller<'_, HostState>, token: i32| {
+            finish(grpc_forget(&mut c, token))
+        })?;
+    }
     Ok(())
 }

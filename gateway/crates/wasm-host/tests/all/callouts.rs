@@ -67,6 +67,44 @@ async fn http_call_denied_and_failed() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_grpc_call() {
+    let env = TestEnv::new();
+    let p = plugin(
+        &engine(1),
+        &env,
+        "callout",
+        "callout-grpc",
+        "",
+        FailPolicy::Closed,
+    );
+    let x = exchange(&p, request("/grpc", &[("x-user", "alice")])).await;
+    assert_eq!(x.request_decision, Decision::Continue);
+    assert_eq!(hv(&x.request.headers, "x-grpc"), Some("pong:ping"));
+    {
+        let calls = env.calls.lock().unwrap();
+        let call = calls
+            .iter()
+            .find(|c| c.uri().path() == "/weir.Auth/Check")
+            .unwrap();
+        assert_eq!(call.method(), http::Method::POST);
+        assert_eq!(
+            call.headers().get("content-type").unwrap(),
+            "application/grpc"
+        );
+        assert_eq!(call.headers().get("x-user").unwrap(), "alice");
+        assert_eq!(&call.body()[..], b"\0\0\0\0\x04ping");
+    }
+    let x = exchange(&p, request("/grpc", &[("x-user", "grpc-deny")])).await;
+    match &x.request_decision {
+        Decision::LocalReply(r) => {
+            assert_eq!(hv(&r.headers, "x-grpc-status"), Some("7"));
+            assert_eq!(hv(&r.headers, "x-grpc-message"), Some("denied"));
+        }
+        other => panic!("expected a local reply, got {other:?}"),
+    }
+}
+
 async fn poll_value(
     p: &std::sync::Arc<weir_wasm_host::Plugin>,
     path: &str,

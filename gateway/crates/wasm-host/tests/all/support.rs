@@ -114,7 +114,34 @@ impl HostEnv for TestEnv {
             .get("x-user")
             .map(|v| v.to_str().unwrap().to_owned())
             .unwrap_or_default();
+        let grpc = request
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v == "application/grpc");
+        let body = request.body().clone();
+        let path = request.uri().path().to_owned();
         self.calls.lock().unwrap().push(request);
+        if grpc {
+            return Box::pin(async move {
+                let mut trailers = HeaderMap::new();
+                let mut r = http::Response::new(Bytes::new());
+                if user == "grpc-deny" || path != "/weir.Auth/Check" {
+                    trailers.insert("grpc-status", HeaderValue::from_static("7"));
+                    trailers.insert("grpc-message", HeaderValue::from_static("denied"));
+                } else {
+                    let msg = format!("pong:{}", String::from_utf8_lossy(&body[5..]));
+                    let mut frame = vec![0];
+                    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+                    frame.extend_from_slice(msg.as_bytes());
+                    *r.body_mut() = Bytes::from(frame);
+                    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                }
+                Ok(CallResponse {
+                    response: r,
+                    trailers,
+                })
+            });
+        }
         Box::pin(async move {
             // Answer asynchronously, as a real upstream would.
             tokio::task::yield_now().await;

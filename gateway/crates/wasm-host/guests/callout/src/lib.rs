@@ -9,7 +9,9 @@
 //! `/root-call` copy the shared values to response-visible request headers; `/bad-cluster`
 //! calls an unknown cluster; anything else calls cluster `auth` (`GET /check`) and pauses: a
 //! 200 answer resumes with `x-auth` set to its body, another status gets a 403 local reply, a
-//! failed call a 502 with `x-status` = `proxy_get_status`'s code.
+//! failed call a 502 with `x-status` = `proxy_get_status`'s code. `/grpc` makes a unary gRPC
+//! call `weir.Auth/Check` to `auth`: OK resumes with `x-grpc` set to the reply, an error
+//! status gets a 403 with `x-grpc-status`/`x-grpc-message`.
 
 use std::time::Duration;
 
@@ -101,6 +103,26 @@ impl RootContext for Root {
 struct Http;
 
 impl Context for Http {
+    fn on_grpc_call_response(&mut self, _token: u32, status_code: u32, size: usize) {
+        if status_code == 0 {
+            let body = self
+                .get_grpc_call_response_body(0, size)
+                .unwrap_or_default();
+            self.set_http_request_header("x-grpc", Some(&String::from_utf8_lossy(&body)));
+            self.resume_http_request();
+        } else {
+            let (code, message) = hostcalls::get_grpc_status().unwrap();
+            self.send_http_response(
+                403,
+                vec![
+                    ("x-grpc-status", &code.to_string()),
+                    ("x-grpc-message", &message.unwrap_or_default()),
+                ],
+                None,
+            );
+        }
+    }
+
     fn on_http_call_response(&mut self, _token: u32, nh: usize, body_size: usize, _nt: usize) {
         if nh == 0 {
             let (code, msg) = hostcalls::get_grpc_status().unwrap();
@@ -147,6 +169,24 @@ impl HttpContext for Http {
                 let v = shared_string(self, &format!("callout.{}", &path[1..]));
                 self.set_http_request_header("x-value", Some(&v));
                 Action::Continue
+            }
+            "/grpc" => {
+                let who = self.get_http_request_header("x-user").unwrap_or_default();
+                self.dispatch_grpc_call(
+                    "auth",
+                    "weir.Auth",
+                    "Check",
+                    vec![("x-user", who.as_bytes())],
+                    Some(b"ping"),
+                    Duration::from_secs(5),
+                )
+                .unwrap();
+                // A call that is cancelled at once never answers.
+                let cancelled = self
+                    .dispatch_grpc_call("auth", "weir.Auth", "Check", vec![], None, Duration::ZERO)
+                    .unwrap();
+                self.cancel_grpc_call(cancelled);
+                Action::Pause
             }
             "/bad-cluster" => {
                 match self.dispatch_http_call(
