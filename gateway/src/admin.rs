@@ -11,18 +11,70 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::Shared;
 use crate::body::{ProxyBody, full};
 use crate::upstream::endpoint::now_ms;
 
-/// Serve the admin API on `listener` until shutdown.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+/// The running admin listener, rebound when its configured address changes on reload.
+#[derive(Default)]
+pub struct AdminListener {
+    configured: Option<std::net::SocketAddr>,
+    bound: Option<std::net::SocketAddr>,
+    stop: Option<watch::Sender<bool>>,
+}
+
+impl AdminListener {
+    /// Bind `want` if it differs from the running address (`Ok(None)`: nothing to change).
+    pub fn prepare(
+        &self,
+        want: Option<std::net::SocketAddr>,
+    ) -> std::io::Result<Option<TcpListener>> {
+        match want {
+            Some(addr) if self.configured != want => crate::listener::bind(addr).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Switch to `want`, serving on `listener` when one was bound by `prepare`.
+    pub fn apply(
+        &mut self,
+        shared: &Arc<Shared>,
+        want: Option<std::net::SocketAddr>,
+        listener: Option<TcpListener>,
+    ) {
+        if self.configured == want {
+            return;
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
+        self.configured = want;
+        self.bound = None;
+        if let Some(listener) = listener {
+            let (stop, stopped) = watch::channel(false);
+            self.bound = listener.local_addr().ok();
+            tracing::info!(address = ?self.bound, "admin listening");
+            tokio::spawn(serve(shared.clone(), listener, stopped));
+            self.stop = Some(stop);
+        }
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.bound
+    }
+}
+
+/// Serve the admin API on `listener` until shutdown or `stopped`.
+async fn serve(shared: Arc<Shared>, listener: TcpListener, mut stopped: watch::Receiver<bool>) {
     let mut stop = shared.shutdown.subscribe();
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = crate::flag_set(&mut stop) => return,
+            _ = crate::flag_set(&mut stopped) => return,
         };
         let Ok((stream, _)) = accepted else { continue };
         let shared = shared.clone();

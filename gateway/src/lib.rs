@@ -43,33 +43,24 @@ pub struct Shared {
     config_path: PathBuf,
     /// The file contents last loaded or rejected, so the watcher reacts to changes only.
     last_source: std::sync::Mutex<String>,
+    /// The admin listener's bound address.
+    admin_bound: std::sync::Mutex<Option<SocketAddr>>,
     /// Serializes reloads and owns the running listeners and demo backends.
     control: Mutex<Control>,
 }
 
 struct Control {
     listeners: listener::Listeners,
+    admin: admin::AdminListener,
     demos: demo::DemoBackends,
 }
 
-/// Why the gateway could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// The config is invalid.
-    #[error("{0}")]
-    Config(#[from] ConfigErrors),
-    /// A listener could not be bound.
-    #[error(transparent)]
-    Bind(#[from] listener::BindError),
-    /// The admin listener could not be bound.
-    #[error("cannot listen on {0} for the admin listener: {1}")]
-    Admin(SocketAddr, std::io::Error),
-}
+/// Why the gateway could not start: the same reasons a reload is rejected for.
+pub type StartError = ReloadError;
 
 /// A running gateway.
 pub struct Gateway {
     shared: Arc<Shared>,
-    admin_addr: Option<SocketAddr>,
 }
 
 impl Gateway {
@@ -86,36 +77,21 @@ impl Gateway {
             shutdown,
             config_path,
             last_source: std::sync::Mutex::new(source),
+            admin_bound: std::sync::Mutex::new(None),
             control: Mutex::new(Control {
                 listeners: listener::Listeners::default(),
+                admin: admin::AdminListener::default(),
                 demos: demo::DemoBackends::default(),
             }),
         });
-        let admin_addr = {
+        {
             let mut control = shared.control.lock().await;
-            let bound = control.listeners.prepare(checked.listeners())?;
-            let snapshot = checked.instantiate(&Snapshot::empty(), &registry, 1)?;
-            let admin_addr = match snapshot.admin {
-                Some(addr) => {
-                    let l = listener::bind(addr).map_err(|e| StartError::Admin(addr, e))?;
-                    let local = l.local_addr().map_err(|e| StartError::Admin(addr, e))?;
-                    tokio::spawn(admin::serve(shared.clone(), l));
-                    Some(local)
-                }
-                None => None,
-            };
-            control.demos.apply(&snapshot.demo_backends, &shared).await;
-            let specs = snapshot.listeners.clone();
-            let watch = snapshot.watch;
-            registry.global.config_version.store(1, Ordering::Relaxed);
-            shared.snapshot.store(Arc::new(snapshot));
-            control.listeners.apply(&shared, &specs, bound);
-            if watch {
-                tokio::spawn(watch_file(Arc::downgrade(&shared)));
-            }
-            admin_addr
-        };
-        Ok(Gateway { shared, admin_addr })
+            shared.load(&mut control, checked).await?;
+        }
+        if shared.snapshot.load().watch {
+            tokio::spawn(watch_file(Arc::downgrade(&shared)));
+        }
+        Ok(Gateway { shared })
     }
 
     /// Shared state (for tests and embedding).
@@ -130,7 +106,7 @@ impl Gateway {
 
     /// The bound admin address.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_addr
+        *self.shared.admin_bound.lock().expect("admin lock")
     }
 
     /// Reload the config file now.
@@ -195,6 +171,9 @@ pub enum ReloadError {
     /// A new listener could not be bound.
     #[error(transparent)]
     Bind(#[from] listener::BindError),
+    /// The admin listener could not be bound.
+    #[error("cannot listen on {0} for the admin listener: {1}")]
+    Admin(SocketAddr, std::io::Error),
 }
 
 impl Shared {
@@ -231,7 +210,22 @@ impl Shared {
         })??;
         *self.last_source.lock().expect("source lock") = source;
         let checked = checked?;
+        self.load(control, checked).await
+    }
+
+    /// Bind what the checked config adds, start its clusters, swap the snapshot in, then start
+    /// and stop listeners. Nothing changes if binding fails.
+    async fn load(
+        self: &Arc<Self>,
+        control: &mut Control,
+        checked: config::compile::Checked,
+    ) -> Result<u64, ReloadError> {
         let bound = control.listeners.prepare(checked.listeners())?;
+        let admin_addr = checked.admin();
+        let admin = control
+            .admin
+            .prepare(admin_addr)
+            .map_err(|e| ReloadError::Admin(admin_addr.unwrap_or(([0, 0, 0, 0], 0).into()), e))?;
         let previous = self.snapshot.load_full();
         let version = previous.version + 1;
         let snapshot = checked.instantiate(&previous, &self.registry, version)?;
@@ -243,6 +237,8 @@ impl Shared {
             .config_version
             .store(version, Ordering::Relaxed);
         control.listeners.apply(self, &specs, bound);
+        control.admin.apply(self, admin_addr, admin);
+        *self.admin_bound.lock().expect("admin lock") = control.admin.local_addr();
         tracing::info!(version, "config loaded");
         Ok(version)
     }

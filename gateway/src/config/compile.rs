@@ -1089,6 +1089,11 @@ impl Checked {
         })
     }
 
+    /// The admin address this config declares.
+    pub fn admin(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
     /// The listeners this config declares.
     pub fn listeners(&self) -> &[ListenerSpec] {
         &self.listeners

@@ -397,13 +397,12 @@ async fn health_loop(cluster: Weak<Cluster>, hc: HealthCheckSpec) {
         let endpoints = c.endpoints.load().groups[0].endpoints.clone();
         let mut checks = Vec::with_capacity(endpoints.len());
         for ep in endpoints {
-            let client = c.client.clone();
+            let c = c.clone();
             let hc = hc.clone();
-            let host = c.name.clone();
             checks.push(tokio::spawn(async move {
-                let ok = check_once(&client, &ep, &hc, &host).await;
+                let ok = check_once(&c, &ep, &hc).await;
                 if let Some(state) = ep.record_health(ok, hc.healthy_threshold, hc.unhealthy_threshold) {
-                    tracing::info!(endpoint = %ep.addr, healthy = state, "health check verdict changed");
+                    tracing::info!(cluster = %c.name, endpoint = %ep.addr, healthy = state, "health check verdict changed");
                 }
             }));
         }
@@ -415,25 +414,50 @@ async fn health_loop(cluster: Weak<Cluster>, hc: HealthCheckSpec) {
     }
 }
 
-async fn check_once(
-    client: &Client<UpstreamConnector, ProxyBody>,
-    ep: &Endpoint,
-    hc: &HealthCheckSpec,
-    host: &str,
-) -> bool {
-    // The connector applies the cluster's TLS settings; the URI only carries the address.
-    let Ok(uri) = format!("http://{}{}", ep.authority, hc.path).parse::<http::Uri>() else {
-        return false;
+/// One active health check: `GET path` with `Host: <cluster name>`, over the cluster's protocol
+/// and TLS; healthy on a 2xx within the timeout.
+async fn check_once(cluster: &Cluster, ep: &Endpoint, hc: &HealthCheckSpec) -> bool {
+    let check = async {
+        let req = |uri: String, version: http::Version| {
+            http::Request::get(uri)
+                .version(version)
+                .header(http::header::USER_AGENT, "weir-health-check")
+                .body(crate::body::empty())
+                .ok()
+        };
+        let resp = match &cluster.h2 {
+            Some(pool) => {
+                let scheme = if cluster.spec.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                let req = req(
+                    format!("{scheme}://{}{}", cluster.name, hc.path),
+                    http::Version::HTTP_2,
+                )?;
+                pool.sender(ep.addr)
+                    .await
+                    .ok()?
+                    .send_request(req)
+                    .await
+                    .ok()?
+            }
+            None => {
+                // The connector applies the cluster's TLS settings; the URI only carries the address.
+                let mut req = req(
+                    format!("http://{}{}", ep.authority, hc.path),
+                    http::Version::HTTP_11,
+                )?;
+                let host = http::HeaderValue::from_str(&cluster.name).ok()?;
+                req.headers_mut().insert(http::header::HOST, host);
+                cluster.client.request(req).await.ok()?
+            }
+        };
+        Some(resp.status().is_success())
     };
-    let Ok(req) = http::Request::get(uri)
-        .header(http::header::HOST, host)
-        .header(http::header::USER_AGENT, "weir-health-check")
-        .body(crate::body::empty())
-    else {
-        return false;
-    };
-    match tokio::time::timeout(hc.timeout, client.request(req)).await {
-        Ok(Ok(resp)) => resp.status().is_success(),
-        _ => false,
-    }
+    matches!(
+        tokio::time::timeout(hc.timeout, check).await,
+        Ok(Some(true))
+    )
 }

@@ -136,6 +136,31 @@ async fn listeners_are_added_changed_and_removed_by_reload() {
     assert_eq!(gw.addr("main").await.port(), moved_port);
     assert_eq!(get(gw.addr("main").await, "x", "/", &[]).await.body, "hi");
 
+    // The admin listener moves too.
+    let old_admin = gw.admin();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    gw.reload(&one.replace(
+        "admin: { address: 127.0.0.1:0 }",
+        &format!("admin: {{ address: \"127.0.0.1:{admin_port}\" }}"),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(gw.admin().port(), admin_port);
+    assert_eq!(admin_get(gw.admin(), "/ready").await.status, 200);
+    let mut old_closed = false;
+    for _ in 0..50 {
+        if tokio::net::TcpStream::connect(old_admin).await.is_err() {
+            old_closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(old_closed, "the old admin address is released");
+
     // A listener that cannot bind rejects the reload and changes nothing.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = taken.local_addr().unwrap();
