@@ -33,6 +33,26 @@ pub type ForeignFunction = Arc<dyn Fn(&[u8]) -> Result<Bytes, Status> + Send + S
 /// little-endian `u64` follows with the nanoseconds after which a retry may succeed.
 pub const RATE_LIMIT_FUNCTION: &str = "weir_rate_limit";
 
+/// Decode the arguments of [`RATE_LIMIT_FUNCTION`]: `(cost, key)`. A cost of 0 counts as 1.
+pub fn decode_rate_limit_args(args: &[u8]) -> Result<(u32, &str), Status> {
+    let (cost, key) = args.split_at_checked(4).ok_or(Status::BadArgument)?;
+    let cost = u32::from_le_bytes([cost[0], cost[1], cost[2], cost[3]]).max(1);
+    let key = std::str::from_utf8(key).map_err(|_| Status::BadArgument)?;
+    Ok((cost, key))
+}
+
+/// Encode the result of [`RATE_LIMIT_FUNCTION`]: `[1]` when allowed, else `[0]` followed by the
+/// retry-after delay in nanoseconds (u64 little-endian).
+pub fn encode_rate_limit_result(allowed: bool, retry_after: Duration) -> Bytes {
+    if allowed {
+        return Bytes::from_static(&[1]);
+    }
+    let mut out = Vec::with_capacity(9);
+    out.push(0);
+    out.extend_from_slice(&(retry_after.as_nanos().min(u128::from(u64::MAX)) as u64).to_le_bytes());
+    Bytes::from(out)
+}
+
 /// A simple registry of foreign functions by name, for [`HostEnv::foreign_function`].
 #[derive(Default, Clone)]
 pub struct ForeignRegistry {
@@ -78,9 +98,14 @@ pub trait HostEnv: Send + Sync + 'static {
         false
     }
 
-    /// Send an HTTP request to `cluster`. The request's URI is the `:path`, its `Host` header the
-    /// `:authority`, and `x-weir-scheme`-free: the scheme is the cluster's. `timeout` `None`
-    /// means no timeout (the host applies `timeout` itself too). Default: fails with `Reset`.
+    /// Send an HTTP request to `cluster` (only called when [`has_cluster`](Self::has_cluster)
+    /// said yes). The request's URI is the guest's `:path` (origin form), its `Host` header the
+    /// `:authority`; the scheme and the address are the cluster's. Trailers the guest sent are
+    /// in the request's extensions as [`crate::CallTrailers`]. Unary gRPC calls come here too, as
+    /// `POST /{service}/{method}` with `content-type: application/grpc` and
+    /// `Version::HTTP_2`; the response's `grpc-status` is read from its trailers or headers.
+    /// `timeout` `None` means none; the host also enforces `timeout` itself. Default: fails
+    /// with `Reset`.
     fn http_call(
         &self,
         cluster: &str,

@@ -34,6 +34,7 @@ pub use config::{EngineConfig, FailPolicy, Limits, PluginConfig};
 pub use error::{CallError, PluginError};
 pub use host_env::{
     CallResponse, ForeignFunction, ForeignRegistry, HostEnv, NoopEnv, RATE_LIMIT_FUNCTION,
+    decode_rate_limit_args, encode_rate_limit_result,
 };
 pub use metrics::{
     Histogram, HistogramSnapshot, MetricSample, MetricValue, PluginStats, StatsSnapshot,

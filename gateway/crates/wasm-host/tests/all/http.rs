@@ -370,6 +370,33 @@ async fn metrics_foreign_functions_and_callback_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_foreign_function() {
+    let env = TestEnv::new();
+    let p = plugin(
+        &engine(1),
+        &env,
+        "http",
+        "http-ratelimit",
+        "",
+        FailPolicy::Closed,
+    );
+    for _ in 0..2 {
+        let x = exchange(&p, request("/", &[("x-ratelimit-key", "k1")])).await;
+        assert_eq!(x.request_decision, Decision::Continue);
+    }
+    let x = exchange(&p, request("/", &[("x-ratelimit-key", "k1")])).await;
+    match &x.request_decision {
+        Decision::LocalReply(r) => {
+            assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(hv(&r.headers, "retry-after"), Some("2"));
+        }
+        other => panic!("expected 429, got {other:?}"),
+    }
+    let x = exchange(&p, request("/", &[("x-ratelimit-key", "k2")])).await;
+    assert_eq!(x.request_decision, Decision::Continue, "another key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_data_counter_across_requests() {
     let env = TestEnv::new();
     let p = plugin(

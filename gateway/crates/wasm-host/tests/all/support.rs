@@ -83,6 +83,21 @@ impl TestEnv {
             v.reverse();
             Ok(Bytes::from(v))
         });
+        // A toy rate limiter with Weir's calling convention: 2 permits per key.
+        let used = Mutex::new(std::collections::HashMap::<String, u32>::new());
+        foreign.register(weir_wasm_host::RATE_LIMIT_FUNCTION, move |args: &[u8]| {
+            let (cost, key) = weir_wasm_host::decode_rate_limit_args(args)?;
+            let mut used = used.lock().unwrap();
+            let n = used.entry(key.to_owned()).or_default();
+            let allowed = *n + cost <= 2;
+            if allowed {
+                *n += cost;
+            }
+            Ok(weir_wasm_host::encode_rate_limit_result(
+                allowed,
+                Duration::from_millis(1500),
+            ))
+        });
         Arc::new(Self {
             foreign,
             ..Default::default()

@@ -181,6 +181,19 @@ impl HttpContext for Http {
                 other => panic!("unexpected {other:?}"),
             }
         }
+        if let Some(key) = self.get_http_request_header("x-ratelimit-key") {
+            let mut args = 1u32.to_le_bytes().to_vec();
+            args.extend_from_slice(key.as_bytes());
+            let result = hostcalls::call_foreign_function("weir_rate_limit", Some(&args))
+                .unwrap()
+                .unwrap_or_default();
+            if result.first() == Some(&0) {
+                let ns = u64::from_le_bytes(result[1..9].try_into().unwrap());
+                let secs = ns.div_ceil(1_000_000_000).to_string();
+                self.send_http_response(429, vec![("retry-after", &secs)], None);
+                return Action::Pause;
+            }
+        }
         self.set_property(vec!["weir", "color"], Some(b"blue"));
         let time = self.get_current_time();
         assert!(time.elapsed().unwrap_or_default() < Duration::from_secs(3600));
