@@ -67,11 +67,12 @@ pub async fn forward(
 ) -> Result<Forwarded, ProxyError> {
     let cluster = &backend.cluster;
     let spec = cluster.spec();
-    if cluster.active_requests.load(Ordering::Relaxed) >= spec.max_requests {
+    // Count the request first, then check, so that concurrent requests cannot overshoot.
+    let _active = Counted::new(&cluster.active_requests);
+    if cluster.active_requests.load(Ordering::Acquire) > spec.max_requests {
         cluster.stats.overflow.fetch_add(1, Ordering::Relaxed);
         return Err(ProxyError::Overflow);
     }
-    let _active = Counted::new(&cluster.active_requests);
 
     let upgrade = is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));

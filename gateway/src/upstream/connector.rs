@@ -98,22 +98,25 @@ impl Drop for PendingGuard<'_> {
 impl UpstreamConnector {
     async fn connect(&self, uri: Uri) -> Result<UpstreamStream, ConnectError> {
         let counts = &self.counts;
-        if counts.open.load(Ordering::Relaxed) >= self.max_connections {
+        // Reserve the connection slot before connecting, so concurrent connects cannot overshoot.
+        if counts.open.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
+            counts.open.fetch_sub(1, Ordering::AcqRel);
             return Err(ConnectError::Overflow);
         }
+        let slot = ConnGuard(counts.clone());
         if counts.pending.fetch_add(1, Ordering::Relaxed) >= self.max_pending {
             counts.pending.fetch_sub(1, Ordering::Relaxed);
             return Err(ConnectError::Overflow);
         }
         let _pending = PendingGuard(&counts.pending);
-        let result = self.open(&uri).await;
+        let result = self.open(&uri, slot).await;
         if result.is_err() {
             counts.failures.fetch_add(1, Ordering::Relaxed);
         }
         result
     }
 
-    async fn open(&self, uri: &Uri) -> Result<UpstreamStream, ConnectError> {
+    async fn open(&self, uri: &Uri, slot: ConnGuard) -> Result<UpstreamStream, ConnectError> {
         let authority = uri.authority().ok_or(ConnectError::BadAddress)?;
         let addr: std::net::SocketAddr = authority
             .as_str()
@@ -123,7 +126,7 @@ impl UpstreamConnector {
             .await
             .map_err(|_| ConnectError::Timeout)??;
         tcp.set_nodelay(true)?;
-        let guard = ConnGuard::new(self.counts.clone());
+        self.counts.total.fetch_add(1, Ordering::Relaxed);
         let inner = match &self.tls {
             None => Inner::Plain(tcp),
             Some(tls) => {
@@ -140,25 +143,17 @@ impl UpstreamConnector {
         };
         Ok(UpstreamStream {
             inner,
-            _guard: guard,
+            _guard: slot,
         })
     }
 }
 
-/// Counts an open connection until dropped.
+/// A reserved connection slot (counted in `open`) until dropped.
 struct ConnGuard(Arc<ConnectionCounts>);
-
-impl ConnGuard {
-    fn new(counts: Arc<ConnectionCounts>) -> ConnGuard {
-        counts.open.fetch_add(1, Ordering::Relaxed);
-        counts.total.fetch_add(1, Ordering::Relaxed);
-        ConnGuard(counts)
-    }
-}
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -267,3 +267,54 @@ async fn http2_rapid_reset_flood_is_cut_off() {
         "the flood must end the connection"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_max_concurrent_streams_is_advertised_and_enforced() {
+    let slow = upstream(
+        "slow",
+        Behavior {
+            slow_first: 1000,
+            delay: Duration::from_millis(400),
+            ..Default::default()
+        },
+    )
+    .await;
+    let gw = gateway(
+        &cfg_with(", limits: { max_concurrent_streams: 3 }", "")
+            .replace("UP", &slow.addr.to_string()),
+    )
+    .await;
+    let addr = gw.addr("main").await;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let (first, _) = client
+        .send_request(
+            http::Request::get(format!("http://{addr}/"))
+                .body(())
+                .unwrap(),
+            true,
+        )
+        .unwrap();
+    assert_eq!(first.await.unwrap().status(), 200);
+    // The client has the limit from the server's SETTINGS and queues beyond it.
+    assert_eq!(client.current_max_send_streams(), 3);
+    let mut pending = Vec::new();
+    for _ in 0..6 {
+        client = client.ready().await.unwrap();
+        let (resp, _) = client
+            .send_request(
+                http::Request::get(format!("http://{addr}/"))
+                    .body(())
+                    .unwrap(),
+                true,
+            )
+            .unwrap();
+        pending.push(resp);
+    }
+    for resp in pending {
+        assert_eq!(resp.await.unwrap().status(), 200);
+    }
+    assert_eq!(slow.hits(), 7);
+}

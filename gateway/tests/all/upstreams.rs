@@ -425,3 +425,46 @@ async fn rate_limit_answers_429_with_retry_after() {
         429
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_to_a_cluster_answers_503_uo() {
+    let slow = upstream(
+        "slow",
+        Behavior {
+            slow_first: 1000,
+            delay: Duration::from_millis(500),
+            ..Default::default()
+        },
+    )
+    .await;
+    let cfg = format!(
+        "{}routes:
+  - {{ name: r, backends: [ {{ cluster: c }} ] }}
+clusters:
+  - name: c
+    endpoints: [ {{ address: \"{}\" }} ]
+    circuit_breakers: {{ max_connections: 1 }}
+",
+        base(),
+        slow.addr
+    );
+    let gw = gateway(&cfg).await;
+    let addr = gw.addr("main").await;
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        tasks.push(tokio::spawn(async move {
+            get(addr, "x", "/", &[]).await.status
+        }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    assert!(codes.contains(&200), "{codes:?}");
+    assert!(
+        codes.contains(&503),
+        "a second connection is refused: {codes:?}"
+    );
+    let clusters = admin_get(gw.admin(), "/clusters").await.json();
+    assert!(clusters["clusters"][0]["connections"].as_u64().unwrap() <= 1);
+}
