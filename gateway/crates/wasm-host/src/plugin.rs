@@ -738,15 +738,25 @@ impl Plugin {
             });
         }
         let key: GroupKey = (hash, config.vm_id.clone(), config.vm_configuration.clone());
-        let group = {
-            let mut groups = lock(&engine.inner.groups);
-            match groups.get(&key).and_then(Weak::upgrade) {
-                Some(g) => g,
-                None => {
-                    let g = new_group(engine, &config, key.clone(), &module, abi, env)?;
-                    groups.insert(key, Arc::downgrade(&g));
-                    g
-                }
+        // Never drop a group while holding the registry lock: its Drop takes that lock.
+        let existing = lock(&engine.inner.groups).get(&key).and_then(Weak::upgrade);
+        let group = match existing {
+            Some(g) => g,
+            None => {
+                let fresh = new_group(engine, &config, key.clone(), &module, abi, env)?;
+                let (chosen, discarded) = {
+                    let mut groups = lock(&engine.inner.groups);
+                    match groups.get(&key).and_then(Weak::upgrade) {
+                        // Another thread created the same VM meanwhile: use that one.
+                        Some(other) => (other, Some(fresh)),
+                        None => {
+                            groups.insert(key, Arc::downgrade(&fresh));
+                            (fresh, None)
+                        }
+                    }
+                };
+                drop(discarded);
+                chosen
             }
         };
         let root = Arc::new(RootSpec {

@@ -263,3 +263,75 @@ async fn failing_allocators() {
     );
     assert_eq!(p.stats().traps, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trapping_start_function_is_an_instantiation_error() {
+    let env = TestEnv::new();
+    for _ in 0..2 {
+        let wasm = module(
+            "proxy_abi_version_0_2_1",
+            BUMP_MALLOC,
+            r#"(func (export "_initialize") unreachable)"#,
+        );
+        let e = load(wasm, "init-trap", "", FailPolicy::Closed, &env).unwrap_err();
+        assert!(matches!(e, PluginError::Instantiate { .. }), "{e}");
+        assert!(e.to_string().contains("init-trap"), "{e}");
+    }
+    // A start function exiting with a non-zero code fails too.
+    let wasm = module(
+        "proxy_abi_version_0_2_1",
+        BUMP_MALLOC,
+        r#"(func (export "_start") (call $proc_exit (i32.const 3)))"#,
+    );
+    let e = load(wasm, "exit-3", "", FailPolicy::Closed, &env).unwrap_err();
+    assert!(e.to_string().contains("proc_exit(3)"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_memory_over_the_limit_fails_to_instantiate() {
+    // 64 pages = 4 MiB initial memory against a 1 MiB cap.
+    let wasm = wat::parse_str(
+        r#"(module (memory (export "memory") 64)
+             (func (export "proxy_abi_version_0_2_1"))
+             (func (export "proxy_on_context_create") (param i32 i32)))"#,
+    )
+    .unwrap();
+    let mut cfg = PluginConfig::new("big-memory", wasm);
+    cfg.vm_id = "big-memory".into();
+    cfg.limits.memory_bytes = 1 << 20;
+    let e = Plugin::new(&engine(1), cfg, TestEnv::new()).unwrap_err();
+    assert!(matches!(e, PluginError::Instantiate { .. }), "{e}");
+}
+
+#[test]
+fn compile_cache_on_disk() {
+    let dir = std::env::temp_dir().join(format!("weir-wasm-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let engine = weir_wasm_host::Engine::new(weir_wasm_host::EngineConfig {
+        cache_dir: Some(dir.clone()),
+        replicas: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let wasm = module("proxy_abi_version_0_2_1", BUMP_MALLOC, "");
+    let mut cfg = PluginConfig::new("cached", wasm);
+    cfg.vm_id = "cached".into();
+    let p = Plugin::new(&engine, cfg, TestEnv::new()).unwrap();
+    drop(p);
+    let files = walk(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(files > 0, "the compile cache directory has artefacts");
+}
+
+fn walk(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    let p = e.path();
+                    if p.is_dir() { walk(&p) } else { 1 }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}

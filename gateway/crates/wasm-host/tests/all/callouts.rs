@@ -195,3 +195,63 @@ async fn dropping_a_plugin_stops_its_timers_and_frees_vms() {
     );
     assert_eq!(p2.stats().vm_starts, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_interleave_on_one_replica() {
+    let env = TestEnv::new();
+    let p = plugin(
+        &engine(1),
+        &env,
+        "callout",
+        "callout-many",
+        "",
+        FailPolicy::Closed,
+    );
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let p = p.clone();
+            tokio::spawn(async move {
+                let user = if i % 3 == 0 { "bob" } else { "alice" };
+                let x = exchange(&p, request("/api", &[("x-user", user)])).await;
+                (user, x.request_decision, x.request.headers)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (user, decision, headers) = t.await.unwrap();
+        if user == "alice" {
+            assert_eq!(decision, Decision::Continue);
+            assert_eq!(hv(&headers, "x-auth"), Some("ok-alice"));
+        } else {
+            assert!(
+                matches!(decision, Decision::LocalReply(ref r) if r.status == StatusCode::FORBIDDEN)
+            );
+        }
+    }
+    assert_eq!(p.stats().traps, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_dropped_while_waiting_for_its_callout() {
+    let env = TestEnv::new();
+    let p = plugin(
+        &engine(1),
+        &env,
+        "callout",
+        "callout-cancel",
+        "",
+        FailPolicy::Closed,
+    );
+    {
+        let mut stream = p.new_stream(crate::support::info());
+        let mut head = request("/api", &[("x-user", "hang")]);
+        // Cancel the callback at its first await (the callout).
+        let r =
+            tokio::time::timeout(Duration::ZERO, stream.on_request_headers(&mut head, true)).await;
+        assert!(r.is_err(), "the callback was waiting for its callout");
+        // Dropping the stream deletes its context.
+    }
+    let x = exchange(&p, request("/api", &[("x-user", "alice")])).await;
+    assert_eq!(x.request_decision, Decision::Continue);
+    assert_eq!(p.stats().traps, 0);
+}

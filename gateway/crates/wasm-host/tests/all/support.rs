@@ -63,7 +63,7 @@ pub fn engine(replicas: usize) -> Engine {
 }
 
 /// The test host environment: cluster `auth` answers by `x-user` (`alice` → 200 `ok-alice`,
-/// `fail` → reset, anything else → 401); foreign function `weir_test_echo` reverses its
+/// `fail` → reset, `hang` → never answers, anything else → 401); foreign function `weir_test_echo` reverses its
 /// argument; logs are recorded.
 #[derive(Default)]
 pub struct TestEnv {
@@ -161,6 +161,7 @@ impl HostEnv for TestEnv {
             // Answer asynchronously, as a real upstream would.
             tokio::task::yield_now().await;
             match user.as_str() {
+                "hang" => std::future::pending().await,
                 "fail" => Err(CallError::Reset("connection refused".into())),
                 "alice" | "" => {
                     let mut r = http::Response::new(Bytes::from(format!("ok-{user}")));
