@@ -410,6 +410,7 @@ impl HttpStream {
             let actions = std::mem::take(&mut ctx.actions);
             if let Some(reply) = actions.local_reply {
                 ctx.local_reply_sent = true;
+                ctx.response_code_details = Some(reply.details.clone());
                 self.pending = FuturesUnordered::new();
                 return Decision::LocalReply(Box::new(reply));
             }
@@ -572,9 +573,16 @@ impl HttpStream {
         }
         let n = trailers.len() as i32;
         let t = std::mem::take(trailers);
+        // A body the filter held stays readable (and replaceable) during the trailers.
+        let held = match dir {
+            Dir::Request => (BodyKind::Request, std::mem::take(&mut self.request_body)),
+            Dir::Response => (BodyKind::Response, std::mem::take(&mut self.response_body)),
+        };
+        let ctx = self.ctx();
+        ctx.body = Some(held);
         match dir {
-            Dir::Request => self.ctx().request_trailers = Some(t),
-            Dir::Response => self.ctx().response_trailers = Some(t),
+            Dir::Request => ctx.request_trailers = Some(t),
+            Dir::Response => ctx.response_trailers = Some(t),
         }
         let r = self.callback(|ex, store, id| {
             let f = match dir {
@@ -590,6 +598,11 @@ impl HttpStream {
             Ok(a) => self.resolve(dir, a, Part::Trailers).await,
             Err(()) => self.failure_decision(),
         };
+        let held = self.ctx().body.take().map(|(_, b)| b).unwrap_or_default();
+        match dir {
+            Dir::Request => self.request_body = held,
+            Dir::Response => self.response_body = held,
+        }
         let ctx = self.ctx();
         let t = match dir {
             Dir::Request => ctx.request_trailers.clone(),

@@ -198,6 +198,35 @@ async fn body_pause_buffers_then_replaces() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_body_is_visible_to_trailers() {
+    let env = TestEnv::new();
+    let p = plugin(
+        &engine(1),
+        &env,
+        "http",
+        "http-trailers",
+        "buffer",
+        FailPolicy::Closed,
+    );
+    let mut stream = p.new_stream(info());
+    let mut head = request("/upload", &[]);
+    stream.on_request_headers(&mut head, false).await;
+    let mut chunk = BytesMut::from(&b"ab"[..]);
+    assert_eq!(
+        stream.on_request_body(&mut chunk, false).await,
+        Decision::StopIteration
+    );
+    let mut trailers = HeaderMap::new();
+    assert_eq!(
+        stream.on_request_trailers(&mut trailers).await,
+        Decision::Continue
+    );
+    assert_eq!(&stream.take_buffered_body(true)[..], b"AB");
+    assert_eq!(hv(&trailers, "x-trailer-seen"), Some("0"));
+    stream.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_body_buffering_and_limit() {
     let env = TestEnv::new();
     let p = plugin(

@@ -222,6 +222,12 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_trailers(&mut self, n: usize) -> Action {
+        if self.has("buffer") {
+            // The body held so far is readable and replaceable here.
+            if let Some(body) = self.get_http_request_body(0, 1 << 20) {
+                self.set_http_request_body(0, body.len(), &body.to_ascii_uppercase());
+            }
+        }
         self.add_http_request_trailer("x-trailer-seen", &n.to_string());
         Action::Continue
     }
