@@ -164,6 +164,7 @@ impl MapRef<'_> {
 
     /// The first value of `key`.
     pub(crate) fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let key = self.alias(key);
         match self {
             MapRef::Request(h) => match key {
                 b":method" => Some(h.method.as_str().as_bytes().to_vec()),
@@ -184,7 +185,18 @@ impl MapRef<'_> {
         }
     }
 
+    /// In request headers `host` is `:authority`, as in Envoy (HTTP/1.1 `Host` is stored as
+    /// `:authority`).
+    fn alias<'k>(&self, key: &'k [u8]) -> &'k [u8] {
+        if matches!(self, MapRef::Request(_)) && key.eq_ignore_ascii_case(b"host") {
+            b":authority"
+        } else {
+            key
+        }
+    }
+
     fn set_pseudo(&mut self, key: &[u8], v: &[u8]) -> Result<bool, Status> {
+        let key = self.alias(key);
         let text = || String::from_utf8(v.to_vec()).map_err(|_| Status::BadArgument);
         match self {
             MapRef::Request(h) => match key {
@@ -244,6 +256,7 @@ impl MapRef<'_> {
 
     /// Remove all values of `key` (a pseudo-header becomes empty; `:status`, `:method` are kept).
     pub(crate) fn remove(&mut self, key: &[u8]) -> Result<(), Status> {
+        let key = self.alias(key);
         if key.starts_with(b":") {
             return match self {
                 MapRef::Request(h) => {
@@ -271,13 +284,13 @@ impl MapRef<'_> {
         // Validate everything first so that a bad pair leaves the map untouched.
         let mut plain = HeaderMap::with_capacity(pairs.len());
         for (k, v) in pairs {
-            if k.starts_with(b":") {
+            if self.alias(k).starts_with(b":") {
                 continue;
             }
             plain.append(name(k)?, value(v)?);
         }
         for (k, v) in pairs {
-            if k.starts_with(b":") {
+            if self.alias(k).starts_with(b":") {
                 self.set_pseudo(k, v)?;
             }
         }
@@ -320,6 +333,9 @@ mod tests {
         let mut m = MapRef::Request(&mut head);
         m.replace(b":path", b"/x").unwrap();
         m.add(b"X-Foo", b"\xffbar").unwrap();
+        m.replace(b"Host", b"h.example").unwrap();
+        assert_eq!(m.get(b":authority").unwrap(), b"h.example");
+        assert_eq!(m.get(b"host").unwrap(), b"h.example");
         assert_eq!(m.get(b":path").unwrap(), b"/x");
         assert_eq!(m.get(b"x-foo").unwrap(), b"\xffbar");
         assert_eq!(m.len(), 5);

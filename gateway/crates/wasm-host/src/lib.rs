@@ -38,7 +38,7 @@ pub use host_env::{
 };
 pub use metrics::{
     Histogram, HistogramSnapshot, MetricSample, MetricValue, PluginStats, StatsSnapshot,
-    filter_metrics, prometheus_name, render_filter_metrics,
+    filter_metrics, prometheus_name, render_filter_metrics, render_plugin_stats,
 };
 pub use plugin::{Engine, Plugin};
 pub use stream::{

@@ -347,28 +347,105 @@ impl PluginStats {
     }
 }
 
+/// The counter and gauge families of [`StatsSnapshot`]: name, type, help, value.
+fn families(s: &StatsSnapshot) -> [(&'static str, &'static str, &'static str, u64); 8] {
+    [
+        (
+            "weir_wasm_callbacks_total",
+            "counter",
+            "Guest callbacks run.",
+            s.callbacks,
+        ),
+        (
+            "weir_wasm_traps_total",
+            "counter",
+            "Guest callbacks that trapped.",
+            s.traps,
+        ),
+        (
+            "weir_wasm_interruptions_total",
+            "counter",
+            "Guest callbacks interrupted at their deadline.",
+            s.interruptions,
+        ),
+        (
+            "weir_wasm_memory_cap_hits_total",
+            "counter",
+            "Guest callbacks failed by the VM memory limit.",
+            s.memory_cap_hits,
+        ),
+        (
+            "weir_wasm_vm_starts_total",
+            "counter",
+            "VM replicas started.",
+            s.vm_starts,
+        ),
+        (
+            "weir_wasm_vm_start_failures_total",
+            "counter",
+            "VM replica starts that failed.",
+            s.vm_start_failures,
+        ),
+        (
+            "weir_wasm_failed_streams_total",
+            "counter",
+            "Requests that got the plugin's failure policy.",
+            s.failed_streams,
+        ),
+        (
+            "weir_wasm_memory_bytes",
+            "gauge",
+            "Linear memory of the plugin's VM replicas.",
+            s.memory_bytes,
+        ),
+    ]
+}
+
+const DURATION: &str = "weir_wasm_callback_duration_microseconds";
+
+fn plugin_label(plugin: &str) -> String {
+    let escaped = plugin
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    format!("plugin=\"{escaped}\"")
+}
+
 impl StatsSnapshot {
-    /// Append these stats to `out` in the Prometheus text format, labelled `plugin="NAME"`.
-    /// (`# TYPE` lines are left to the caller, who may render several plugins.)
+    /// Append these stats to `out` in the Prometheus text format, labelled `plugin="NAME"`,
+    /// without `# TYPE` lines. For several plugins use [`render_plugin_stats`], which keeps
+    /// each metric family together as the format requires.
     pub fn render_prometheus(&self, plugin: &str, out: &mut String) {
-        let label = format!(
-            "plugin=\"{}\"",
-            plugin.replace('\\', "\\\\").replace('"', "\\\"")
-        );
-        for (name, v) in [
-            ("weir_wasm_callbacks_total", self.callbacks),
-            ("weir_wasm_traps_total", self.traps),
-            ("weir_wasm_interruptions_total", self.interruptions),
-            ("weir_wasm_memory_cap_hits_total", self.memory_cap_hits),
-            ("weir_wasm_vm_starts_total", self.vm_starts),
-            ("weir_wasm_vm_start_failures_total", self.vm_start_failures),
-            ("weir_wasm_failed_streams_total", self.failed_streams),
-            ("weir_wasm_memory_bytes", self.memory_bytes),
-        ] {
+        let label = plugin_label(plugin);
+        for (name, _, _, v) in families(self) {
             let _ = writeln!(out, "{name}{{{label}}} {v}");
         }
-        self.callback_micros
-            .render(out, "weir_wasm_callback_duration_microseconds", &label);
+        self.callback_micros.render(out, DURATION, &label);
+    }
+}
+
+/// Render the stats of several plugins (`(name, stats)`, e.g. from
+/// [`crate::Plugin::name`] and [`crate::Plugin::stats`]) in the Prometheus text format, with
+/// `# HELP`/`# TYPE` lines and each family's samples together.
+pub fn render_plugin_stats(plugins: &[(&str, StatsSnapshot)], out: &mut String) {
+    if plugins.is_empty() {
+        return;
+    }
+    let labels: Vec<String> = plugins.iter().map(|(n, _)| plugin_label(n)).collect();
+    let all: Vec<_> = plugins.iter().map(|(_, s)| families(s)).collect();
+    for i in 0..all[0].len() {
+        let (name, kind, help, _) = all[0][i];
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (f, label) in all.iter().zip(&labels) {
+            let _ = writeln!(out, "{name}{{{label}}} {}", f[i].3);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {DURATION} Wall time of guest callbacks.\n# TYPE {DURATION} histogram"
+    );
+    for ((_, s), label) in plugins.iter().zip(&labels) {
+        s.callback_micros.render(out, DURATION, label);
     }
 }
 
@@ -398,5 +475,28 @@ mod tests {
         let mut s = String::new();
         render_filter_metrics(&mut s);
         assert!(s.contains("wasm_unit_counter 3"), "{s}");
+    }
+
+    #[test]
+    fn plugin_stats_families_stay_together() {
+        let a = PluginStats::default();
+        a.callbacks.fetch_add(2, Ordering::Relaxed);
+        a.callback_micros.record(7);
+        let b = PluginStats::default();
+        let mut out = String::new();
+        render_plugin_stats(&[("a", a.snapshot()), ("b\"q", b.snapshot())], &mut out);
+        let i = out
+            .find("weir_wasm_callbacks_total{plugin=\"a\"} 2")
+            .unwrap();
+        let j = out
+            .find("weir_wasm_callbacks_total{plugin=\"b\\\"q\"} 0")
+            .unwrap();
+        let k = out.find("# TYPE weir_wasm_traps_total counter").unwrap();
+        assert!(i < j && j < k, "{out}");
+        assert!(
+            out.contains(
+                "weir_wasm_callback_duration_microseconds_bucket{plugin=\"a\",le=\"10\"} 1"
+            )
+        );
     }
 }
