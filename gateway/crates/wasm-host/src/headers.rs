@@ -341,4 +341,23 @@ mod tests {
         assert_eq!(m.len(), 5);
         assert_eq!(m.add(b":bogus", b"1"), Err(Status::BadArgument));
     }
+
+    #[test]
+    fn random_input_never_panics() {
+        use rand::{Rng, RngCore};
+        let mut rng = rand::rng();
+        for _ in 0..20_000 {
+            let len = rng.random_range(0..64);
+            let mut bytes = vec![0u8; len];
+            rng.fill_bytes(&mut bytes);
+            if len >= 4 && rng.random_bool(0.5) {
+                // Plausible counts exercise the length checks.
+                bytes[..4].copy_from_slice(&rng.random_range(0u32..6).to_le_bytes());
+            }
+            if let Ok(pairs) = deserialize(&bytes) {
+                let again = serialize(pairs.iter().map(|(k, v)| (&k[..], &v[..])));
+                assert_eq!(deserialize(&again).unwrap(), pairs);
+            }
+        }
+    }
 }

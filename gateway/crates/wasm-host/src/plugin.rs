@@ -112,6 +112,14 @@ impl Engine {
         })
     }
 
+    /// Number of VMs (module + vm_id + VM configuration, each with its replicas) alive now.
+    pub fn loaded_vms(&self) -> usize {
+        lock(&self.inner.groups)
+            .values()
+            .filter(|w| w.strong_count() > 0)
+            .count()
+    }
+
     /// The settings the engine was built with.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config

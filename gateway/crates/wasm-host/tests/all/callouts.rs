@@ -172,21 +172,44 @@ async fn shared_queue_wakes_registrant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_a_plugin_stops_its_timers_and_frees_vms() {
     let env = TestEnv::new();
+    let engine = engine(1);
     let p = plugin(
-        &engine(1),
+        &engine,
         &env,
         "callout",
         "callout-drop",
         "tick",
         FailPolicy::Closed,
     );
+    let route = p
+        .with_configuration(bytes::Bytes::from_static(b"tick"))
+        .unwrap();
     poll_value(&p, "/ticks", |v| v != "none").await;
+    assert_eq!(engine.loaded_vms(), 1);
     let weak = std::sync::Arc::downgrade(&p);
     drop(p);
     assert!(weak.upgrade().is_none(), "nothing else holds the plugin");
-    // A new plugin of the same vm_id gets new VMs (the old group is gone).
+    assert_eq!(
+        engine.loaded_vms(),
+        1,
+        "the per-route instance keeps the VM"
+    );
+    drop(route);
+    // The VM goes away once its background task lets go (it holds it only while ticking).
+    for _ in 0..1000 {
+        if engine.loaded_vms() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        engine.loaded_vms(),
+        0,
+        "no task or timer keeps the VM alive"
+    );
+    // A new plugin of the same vm_id gets new VMs.
     let p2 = plugin(
-        &engine(1),
+        &engine,
         &env,
         "callout",
         "callout-drop",
