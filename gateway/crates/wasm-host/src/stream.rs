@@ -7,9 +7,8 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
-use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use http::{HeaderMap, Method, StatusCode};
 
 use crate::config::FailPolicy;
@@ -192,7 +191,35 @@ enum Part {
     Trailers,
 }
 
-type Pending = FuturesUnordered<BoxFuture<'static, (u32, Result<CallResponse, CallError>)>>;
+/// A stream-owned callout running as its own task (so it progresses between callbacks);
+/// dropping it aborts the task.
+struct Callout {
+    token: u32,
+    task: tokio::task::JoinHandle<Result<CallResponse, CallError>>,
+}
+
+impl Drop for Callout {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Future for Callout {
+    type Output = (u32, Result<CallResponse, CallError>);
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let token = self.token;
+        std::pin::Pin::new(&mut self.task).poll(cx).map(|r| {
+            let r = r.unwrap_or_else(|e| Err(CallError::Reset(format!("callout task: {e}"))));
+            (token, r)
+        })
+    }
+}
+
+type Pending = FuturesUnordered<Callout>;
 
 /// One HTTP stream through one plugin.
 ///
@@ -342,9 +369,16 @@ impl HttpStream {
         let callouts = std::mem::take(&mut state.new_callouts);
         for c in callouts {
             if c.owner == id {
-                let (token, fut) = (c.token, c.future);
-                self.pending
-                    .push(Box::pin(async move { (token, fut.await) }));
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => self.pending.push(Callout {
+                        token: c.token,
+                        task: rt.spawn(c.future),
+                    }),
+                    Err(_) => tracing::warn!(
+                        plugin = %spec.plugin_name,
+                        "wasm callout dropped: no tokio runtime"
+                    ),
+                }
             } else {
                 group.spawn_root_callout(self.replica, generation, c);
             }
@@ -401,6 +435,34 @@ impl HttpStream {
 
     fn skipping(&self) -> bool {
         matches!(self.lifecycle, Lifecycle::Bypassed | Lifecycle::Finished)
+    }
+
+    /// Deliver callouts that answered since the last callback (a filter may call out and
+    /// continue; Envoy delivers the response whenever it comes). A local reply or close
+    /// requested from those callbacks is returned.
+    fn deliver_ready(&mut self) -> Option<Decision> {
+        while let Some(Some((token, result))) = self.pending.next().now_or_never() {
+            let spec = self.plugin.root.clone();
+            let r = self.invoke(|vm, _id, root, _create| {
+                deliver_callout(vm, &spec, root, token, result).map(|()| 1)
+            });
+            if r.is_err() {
+                return Some(self.failure_decision());
+            }
+        }
+        let ctx = self.ctx();
+        let actions = std::mem::take(&mut ctx.actions);
+        if let Some(reply) = actions.local_reply {
+            ctx.local_reply_sent = true;
+            ctx.response_code_details = Some(reply.details.clone());
+            self.pending = FuturesUnordered::new();
+            return Some(Decision::LocalReply(Box::new(reply)));
+        }
+        if actions.close {
+            self.pending = FuturesUnordered::new();
+            return Some(Decision::Reset);
+        }
+        None
     }
 
     /// Apply deferred actions and wait for callouts while the filter is paused.
@@ -502,6 +564,14 @@ impl HttpStream {
             buf.extend_from_slice(data);
             data.clear();
         }
+        if !self.skipping()
+            && let Some(d) = self.deliver_ready()
+        {
+            if d == Decision::Continue {
+                *data = buf;
+            }
+            return d;
+        }
         if self.skipping() {
             *data = buf;
             return Decision::Continue;
@@ -571,6 +641,9 @@ impl HttpStream {
         if self.skipping() {
             return Decision::Continue;
         }
+        if let Some(d) = self.deliver_ready() {
+            return d;
+        }
         let n = trailers.len() as i32;
         let t = std::mem::take(trailers);
         // A body the filter held stays readable (and replaceable) during the trailers.
@@ -630,6 +703,9 @@ impl HttpStream {
         if self.skipping() {
             return Decision::Continue;
         }
+        if let Some(d) = self.deliver_ready() {
+            return d;
+        }
         let n = (1 + head.headers.len()) as i32;
         self.ctx().response = Some(std::mem::take(head));
         let r = self.callback(|ex, store, id| match &ex.response_headers {
@@ -667,6 +743,10 @@ impl HttpStream {
     /// order). Call it once, after the response is complete or the stream was reset; dropping
     /// the stream without it runs only `on_done` and `on_delete`.
     pub fn finish(&mut self) {
+        if self.lifecycle == Lifecycle::Active {
+            // Callouts that already answered are delivered first, as Envoy would have.
+            let _ = self.deliver_ready();
+        }
         if self.lifecycle == Lifecycle::Active {
             let _ = self.callback(|ex, store, id| {
                 if let Some(f) = &ex.log {

@@ -220,6 +220,39 @@ async fn dropping_a_plugin_stops_its_timers_and_frees_vms() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fire_and_forget_callout_answered_before_the_response() {
+    let env = TestEnv::new();
+    let p = plugin(
+        &engine(1),
+        &env,
+        "callout",
+        "callout-async",
+        "",
+        FailPolicy::Closed,
+    );
+    let mut stream = p.new_stream(crate::support::info());
+    let mut head = request("/async", &[("x-user", "bob")]);
+    assert_eq!(
+        stream.on_request_headers(&mut head, true).await,
+        Decision::Continue
+    );
+    // The callout runs as its own task while "the upstream" answers: wait for it.
+    for _ in 0..2000 {
+        if env.answered.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut resp = weir_wasm_host::ResponseHead::default();
+    match stream.on_response_headers(&mut resp, true).await {
+        Decision::LocalReply(r) => assert_eq!(r.status, StatusCode::FORBIDDEN),
+        other => panic!("the callout's local reply should win, got {other:?}"),
+    }
+    stream.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_streams_interleave_on_one_replica() {
     let env = TestEnv::new();
     let p = plugin(

@@ -67,6 +67,8 @@ pub fn engine(replicas: usize) -> Engine {
 /// argument; logs are recorded.
 #[derive(Default)]
 pub struct TestEnv {
+    /// HTTP callouts answered so far.
+    pub answered: Arc<std::sync::atomic::AtomicUsize>,
     pub logs: Mutex<Vec<(String, LogLevel, String)>>,
     pub calls: Mutex<Vec<http::Request<Bytes>>>,
     foreign: ForeignRegistry,
@@ -157,10 +159,11 @@ impl HostEnv for TestEnv {
                 })
             });
         }
+        let answered = self.answered.clone();
         Box::pin(async move {
             // Answer asynchronously, as a real upstream would.
             tokio::task::yield_now().await;
-            match user.as_str() {
+            let r = match user.as_str() {
                 "hang" => std::future::pending().await,
                 "fail" => Err(CallError::Reset("connection refused".into())),
                 "alice" | "" => {
@@ -180,7 +183,9 @@ impl HostEnv for TestEnv {
                         trailers: HeaderMap::new(),
                     })
                 }
-            }
+            };
+            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            r
         })
     }
 

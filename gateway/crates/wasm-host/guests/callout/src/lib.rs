@@ -11,7 +11,8 @@
 //! 200 answer resumes with `x-auth` set to its body, another status gets a 403 local reply, a
 //! failed call a 502 with `x-status` = `proxy_get_status`'s code. `/grpc` makes a unary gRPC
 //! call `weir.Auth/Check` to `auth`: OK resumes with `x-grpc` set to the reply, an error
-//! status gets a 403 with `x-grpc-status`/`x-grpc-message`.
+//! status gets a 403 with `x-grpc-status`/`x-grpc-message`. `/async` makes the `auth` call
+//! but continues at once (the answer is handled when it comes).
 
 use std::time::Duration;
 
@@ -218,7 +219,12 @@ impl HttpContext for Http {
                     Duration::from_secs(5),
                 )
                 .unwrap();
-                Action::Pause
+                if path == "/async" {
+                    // Fire and forget: the answer is handled whenever it comes.
+                    Action::Continue
+                } else {
+                    Action::Pause
+                }
             }
         }
     }
