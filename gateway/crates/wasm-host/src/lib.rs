@@ -45,3 +45,18 @@ pub use stream::{
     Decision, HttpStream, LocalReply, RequestHead, ResponseHead, StreamInfo, TlsInfo,
 };
 pub use types::{AbiVersion, LogLevel, Status};
+
+#[cfg(test)]
+mod tests {
+    /// The gateway moves plugins and streams across tokio worker threads.
+    #[test]
+    fn public_types_are_send_and_sync() {
+        fn send<T: Send>() {}
+        fn sync<T: Sync>() {}
+        send::<super::HttpStream>();
+        send::<super::Plugin>();
+        sync::<super::Plugin>();
+        send::<super::Engine>();
+        sync::<super::Engine>();
+    }
+}
