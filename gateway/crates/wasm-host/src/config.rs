@@ -43,7 +43,8 @@ pub enum FailPolicy {
     Closed,
     /// Go on as if the filter were not in the chain for the rest of this request.
     Open,
-    /// Like `Closed` for the request in hand; the VM is recreated right away.
+    /// Like `Closed` for the request in hand; the VM is recreated right away (for the first
+    /// failure in a row; repeated failures wait for the restart backoff).
     Reload,
 }
 

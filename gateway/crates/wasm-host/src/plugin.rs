@@ -277,11 +277,12 @@ impl VmGroup {
         lock(&self.replicas[idx].shared.timers).clear();
     }
 
-    /// Discard the slot's VM after a failure; `Reload` recreates it at once.
+    /// Discard the slot's VM after a failure; `Reload` recreates it at once (the first time
+    /// in a row; after that the backoff applies, so a VM that fails at start-up does not spin).
     pub(crate) fn fail(&self, idx: usize, slot: &mut Slot, policy: FailPolicy, why: &Failure) {
         tracing::warn!(replica = idx, "wasm VM discarded: {why}");
         self.mark_failed(idx, slot);
-        if policy == FailPolicy::Reload {
+        if policy == FailPolicy::Reload && slot.failures <= 1 {
             let _ = self.ensure_vm(idx, slot, true);
         }
     }

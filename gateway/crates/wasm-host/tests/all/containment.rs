@@ -152,6 +152,49 @@ async fn response_phase_trap() {
     assert!(is_fail_stream(&x.response_decision));
 }
 
+async fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..2000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap_in_a_root_callback_reload() {
+    let env = TestEnv::new();
+    let p = plugin(
+        &engine(1),
+        &env,
+        "bad",
+        "bad-tick-reload",
+        "tick-trap-once",
+        FailPolicy::Reload,
+    );
+    wait_for("a tick trapped", || p.stats().traps == 1).await;
+    wait_for("the VM was recreated", || p.stats().vm_starts == 2).await;
+    let x = exchange(&p, request("/", &[])).await;
+    assert_eq!(x.request_decision, Decision::Continue);
+    assert_eq!(p.stats().vm_starts, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap_in_a_root_callback_closed_recreates_on_next_request() {
+    let env = TestEnv::new();
+    let mut cfg = PluginConfig::new("bad-tick-closed", guest("bad"));
+    cfg.vm_id = "bad-tick-closed".into();
+    cfg.configuration = bytes::Bytes::from_static(b"tick-trap-once");
+    cfg.limits.restart_backoff = std::time::Duration::ZERO;
+    let p = Plugin::new(&engine(1), cfg, env.clone()).unwrap();
+    wait_for("a tick trapped", || p.stats().traps == 1).await;
+    assert_eq!(p.stats().vm_starts, 1, "Closed does not recreate at once");
+    let x = exchange(&p, request("/", &[])).await;
+    assert_eq!(x.request_decision, Decision::Continue);
+    assert_eq!(p.stats().vm_starts, 2, "recreated by the next request");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configure_failures_are_typed_errors() {
     let env = TestEnv::new();

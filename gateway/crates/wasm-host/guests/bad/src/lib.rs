@@ -1,5 +1,6 @@
 //! Misbehaving guest for containment tests. Configuration: `trap-configure` panics in
-//! `on_configure`, `reject` makes it return false. Request headers: `x-trap` panics,
+//! `on_configure`, `reject` makes it return false, `tick-trap-once` ticks every 5 ms and panics
+//! in the first tick of the vm_id (remembered in shared data). Request headers: `x-trap` panics,
 //! `x-loop` loops forever, `x-grow` allocates without bound; `x-trap-response` panics in
 //! `on_http_response_headers`.
 
@@ -20,8 +21,21 @@ impl RootContext for Root {
         match self.get_plugin_configuration().as_deref() {
             Some(b"trap-configure") => panic!("configured to trap"),
             Some(b"reject") => false,
+            Some(b"tick-trap-once") => {
+                self.set_tick_period(std::time::Duration::from_millis(5));
+                true
+            }
             _ => true,
         }
+    }
+
+    fn on_tick(&mut self) {
+        if self.get_shared_data("bad.tick-trapped").0.is_none() {
+            self.set_shared_data("bad.tick-trapped", Some(b"1"), None)
+                .unwrap();
+            panic!("trap in on_tick");
+        }
+        self.set_tick_period(std::time::Duration::ZERO);
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
