@@ -182,11 +182,14 @@ struct Stats {
     non_2xx: u64,
     errors: u64,
     body_bytes: u64,
+    /// When the last counted 2xx response ended.
+    last_done: Option<Instant>,
 }
 
 impl Stats {
     fn merge(&mut self, other: &Stats) {
         self.latencies.merge(&other.latencies);
+        self.last_done = self.last_done.max(other.last_done);
         self.ok += other.ok;
         self.non_2xx += other.non_2xx;
         self.errors += other.errors;
@@ -367,6 +370,14 @@ fn unsent_in_window(tickets: &Tickets, measure_start: Instant) -> u64 {
         .count() as u64
 }
 
+/// The time the counted responses took: the window, or longer when the last one came after it.
+fn served_over(shared: &Shared, stats: &Stats) -> Duration {
+    let late = stats.last_done.map_or(Duration::ZERO, |t| {
+        t.saturating_duration_since(shared.measure_start)
+    });
+    late.max(shared.cfg.duration)
+}
+
 fn report(shared: &Shared, stats: &Stats) -> RunReport {
     let cfg = &shared.cfg;
     let secs = cfg.duration.as_secs_f64();
@@ -391,7 +402,9 @@ fn report(shared: &Shared, stats: &Stats) -> RunReport {
         ok: stats.ok,
         non_2xx: stats.non_2xx,
         errors: stats.errors,
-        throughput_rps: stats.ok as f64 / secs,
+        // Over the window, or until the last response when that came later: an open loop that
+        // the server could not follow served its requests over a longer time than the window.
+        throughput_rps: stats.ok as f64 / served_over(shared, stats).as_secs_f64(),
         body_bytes: stats.body_bytes,
         latency: stats.latencies.summary(),
         latency_curve: stats.latencies.curve(),
@@ -541,6 +554,7 @@ impl Shared {
                     if counted {
                         stats.ok += 1;
                         stats.latencies.record(done - started);
+                        stats.last_done = stats.last_done.max(Some(done));
                     }
                 } else {
                     self.live.failed.fetch_add(1, Ordering::Relaxed);

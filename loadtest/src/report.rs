@@ -140,7 +140,8 @@ pub struct RunReport {
     pub non_2xx: u64,
     /// Requests that got no complete response: connect, TLS, protocol errors and timeouts.
     pub errors: u64,
-    /// 2xx responses per second over the window.
+    /// 2xx responses per second over the window, or, in an open loop the server could not
+    /// follow, over the time until the last of them ended (the rate actually served).
     pub throughput_rps: f64,
     /// Body bytes received in the window.
     pub body_bytes: u64,

@@ -81,7 +81,11 @@ async fn open_loop_sends_the_scheduled_count() {
         t0.elapsed() >= Duration::from_millis(1_150),
         "the schedule paces the requests"
     );
-    assert!((r.throughput_rps - 2_000.0).abs() < 1e-6);
+    assert!(
+        (r.throughput_rps - 2_000.0).abs() < 20.0,
+        "{}",
+        r.throughput_rps
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,6 +112,8 @@ async fn open_loop_latency_includes_the_wait_for_a_busy_connection() {
     // The last request is due at 199 ms but served at about 200 × 20 ms = 4 s.
     assert!(r.latency.max_us > 3_000_000.0, "{:?}", r.latency);
     assert!(r.latency.p50_us > 1_000_000.0, "{:?}", r.latency);
+    // The rate served is the server's (one request per 20 ms), not the rate offered.
+    assert!(r.throughput_rps < 60.0, "{}", r.throughput_rps);
 }
 
 /// An HTTP/1.1 server that waits `delay` before every response.

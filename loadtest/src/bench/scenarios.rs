@@ -114,7 +114,8 @@ fn load_average() -> String {
 
 /// Waits up to `limit` for the 1-minute load average to fall below 1.
 async fn wait_quiet(limit: Duration) {
-    let deadline = Instant::now() + limit;
+    let start = Instant::now();
+    let mut told = false;
     loop {
         let one: f64 = load_average()
             .split_whitespace()
@@ -122,19 +123,25 @@ async fn wait_quiet(limit: Duration) {
             .and_then(|x| x.parse().ok())
             .unwrap_or(0.0);
         if one < 1.0 {
+            if told {
+                eprintln!("weir-bench: quiet after {:.0?}", start.elapsed());
+            }
             return;
         }
-        if Instant::now() >= deadline {
+        if start.elapsed() >= limit {
             eprintln!(
                 "weir-bench: the machine is still busy (load average {}); running anyway",
                 load_average()
             );
             return;
         }
-        eprintln!(
-            "weir-bench: waiting for a quiet machine (load average {})",
-            load_average()
-        );
+        if !told {
+            eprintln!(
+                "weir-bench: waiting up to {limit:?} for a quiet machine (load average {})",
+                load_average()
+            );
+            told = true;
+        }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
