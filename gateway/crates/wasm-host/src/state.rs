@@ -83,6 +83,16 @@ pub(crate) struct Actions {
     pub local_reply: Option<LocalReply>,
 }
 
+/// Actions requested for a stream from another context (a root context's `on_tick` or
+/// `on_queue_ready`, another stream) after `proxy_set_effective_context(stream)`, while the
+/// stream's own context is not loaded. The stream picks them up when it waits or at its next
+/// callback.
+#[derive(Debug, Default)]
+pub(crate) struct Remote {
+    pub actions: Mutex<Actions>,
+    pub notify: Notify,
+}
+
 /// Which body a stream callback sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BodyKind {
@@ -164,6 +174,8 @@ pub(crate) struct HostState {
     pub root_properties: HashMap<Vec<u8>, Bytes>,
     /// The stream whose callback runs now, if any.
     pub stream: Option<Box<StreamCtx>>,
+    /// Every live stream context of this VM (loaded or not), for actions from other contexts.
+    pub streams: HashMap<u32, Arc<Remote>>,
     pub shared: Arc<VmShared>,
     pub next_token: u32,
     pub new_callouts: Vec<NewCallout>,
@@ -190,6 +202,7 @@ impl HostState {
             roots: HashMap::new(),
             root_properties: HashMap::new(),
             stream: None,
+            streams: HashMap::new(),
             shared,
             next_token: 0,
             new_callouts: Vec::new(),
@@ -204,6 +217,14 @@ impl HostState {
     pub(crate) fn stream_mut(&mut self) -> Option<&mut StreamCtx> {
         let eff = self.effective;
         self.stream.as_deref_mut().filter(|s| s.id == eff)
+    }
+
+    /// The actions of the effective context when it is a stream that is not loaded.
+    pub(crate) fn remote(&self) -> Option<Arc<Remote>> {
+        if self.stream_ref().is_some() {
+            return None;
+        }
+        self.streams.get(&self.effective).cloned()
     }
 
     /// The stream the effective context designates, if it is the loaded stream.

@@ -15,7 +15,7 @@ use crate::config::FailPolicy;
 use crate::error::CallError;
 use crate::host_env::CallResponse;
 use crate::plugin::{Plugin, deliver_callout};
-use crate::state::{Actions, BodyKind, Phase, StreamCtx};
+use crate::state::{Actions, BodyKind, Phase, Remote, StreamCtx};
 use crate::vm::{Failure, HeadersFn, Vm};
 
 /// The request line and headers. The guest sees `method`, `scheme`, `authority` and `path` as
@@ -239,6 +239,7 @@ pub struct HttpStream {
     ctx: Option<Box<StreamCtx>>,
     lifecycle: Lifecycle,
     pending: Pending,
+    remote: Arc<Remote>,
     request_body: BytesMut,
     response_body: BytesMut,
 }
@@ -283,6 +284,7 @@ impl HttpStream {
             lifecycle: Lifecycle::New,
             pending: FuturesUnordered::new(),
             request_body: BytesMut::new(),
+            remote: Arc::new(Remote::default()),
             response_body: BytesMut::new(),
         }
     }
@@ -359,6 +361,9 @@ impl HttpStream {
         let id = ctx.id;
         let create = self.lifecycle == Lifecycle::New;
         let state = vm.store.data_mut();
+        if create {
+            state.streams.insert(id, self.remote.clone());
+        }
         state.stream = Some(ctx);
         state.effective = id;
         state.phase = Phase::Running;
@@ -441,6 +446,7 @@ impl HttpStream {
     /// continue; Envoy delivers the response whenever it comes). A local reply or close
     /// requested from those callbacks is returned.
     fn deliver_ready(&mut self) -> Option<Decision> {
+        self.merge_remote();
         while let Some(Some((token, result))) = self.pending.next().now_or_never() {
             let spec = self.plugin.root.clone();
             let r = self.invoke(|vm, _id, root, _create| {
@@ -450,6 +456,7 @@ impl HttpStream {
                 return Some(self.failure_decision());
             }
         }
+        self.merge_remote();
         let ctx = self.ctx();
         let actions = std::mem::take(&mut ctx.actions);
         if let Some(reply) = actions.local_reply {
@@ -465,9 +472,30 @@ impl HttpStream {
         None
     }
 
+    /// Take the actions other contexts requested for this stream.
+    fn merge_remote(&mut self) {
+        let remote = std::mem::take(
+            &mut *self
+                .remote
+                .actions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        let ctx = self.ctx();
+        let a = &mut ctx.actions;
+        a.continue_request |= remote.continue_request;
+        a.continue_response |= remote.continue_response;
+        a.close |= remote.close;
+        if a.local_reply.is_none() && !ctx.local_reply_sent {
+            a.local_reply = remote.local_reply;
+        }
+    }
+
     /// Apply deferred actions and wait for callouts while the filter is paused.
     async fn resolve(&mut self, dir: Dir, mut action: i32, part: Part) -> Decision {
+        let remote = self.remote.clone();
         loop {
+            self.merge_remote();
             let ctx = self.ctx();
             let actions = std::mem::take(&mut ctx.actions);
             if let Some(reply) = actions.local_reply {
@@ -488,30 +516,27 @@ impl HttpStream {
                 return Decision::Continue;
             }
             if self.pending.is_empty() {
-                return match part {
-                    Part::Headers { eos: false } | Part::Body { eos: false } => {
-                        Decision::StopIteration
-                    }
-                    _ => {
-                        // Envoy would wait for a `continue` that nothing can trigger any more;
-                        // go on instead of hanging the stream.
-                        tracing::debug!(
-                            plugin = %self.plugin.root.plugin_name,
-                            "wasm filter paused at end of stream without pending callouts; continuing"
-                        );
-                        Decision::Continue
-                    }
-                };
-            }
-            let Some((token, result)) = self.pending.next().await else {
+                if let Part::Headers { eos: false } | Part::Body { eos: false } = part {
+                    return Decision::StopIteration;
+                }
+                // Nothing more will come from the client: like Envoy, wait for a resume from
+                // another context (a timer, a queue, another stream). The gateway's request
+                // timeout bounds the wait.
+                remote.notify.notified().await;
                 continue;
-            };
-            let spec = self.plugin.root.clone();
-            let r = self.invoke(|vm, _id, root, _create| {
-                deliver_callout(vm, &spec, root, token, result).map(|()| 1)
-            });
-            if r.is_err() {
-                return self.failure_decision();
+            }
+            tokio::select! {
+                next = self.pending.next() => {
+                    let Some((token, result)) = next else { continue };
+                    let spec = self.plugin.root.clone();
+                    let r = self.invoke(|vm, _id, root, _create| {
+                        deliver_callout(vm, &spec, root, token, result).map(|()| 1)
+                    });
+                    if r.is_err() {
+                        return self.failure_decision();
+                    }
+                }
+                _ = remote.notify.notified() => {}
             }
             action = 1;
         }
@@ -779,6 +804,7 @@ impl HttpStream {
             if let Some(f) = &ex.delete {
                 f.call(&mut *store, id)?;
             }
+            store.data_mut().streams.remove(&(id as u32));
             Ok(0)
         });
         self.lifecycle = if r.is_ok() {

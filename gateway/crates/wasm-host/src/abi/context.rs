@@ -42,8 +42,9 @@ fn set_effective(caller: &mut Caller<'_, HostState>, ctx: i32) -> HostResult {
     started(caller)?;
     let ctx = ctx as u32;
     let state = caller.data_mut();
-    let known =
-        state.roots.contains_key(&ctx) || state.stream.as_ref().is_some_and(|s| s.id == ctx);
+    let known = state.roots.contains_key(&ctx)
+        || state.streams.contains_key(&ctx)
+        || state.stream.as_ref().is_some_and(|s| s.id == ctx);
     if !known {
         return Err(Status::BadArgument.into());
     }

@@ -7,32 +7,55 @@ use wasmtime::{Caller, Linker};
 use super::started;
 use crate::headers;
 use crate::memory::{self, HostResult, finish};
-use crate::state::HostState;
+use crate::state::{Actions, HostState};
 use crate::stream::LocalReply;
 use crate::types::Status;
 
+/// Run `f` on the actions of the effective stream: the loaded one, or a parked one (then its
+/// driver is woken).
+fn with_actions(
+    c: &mut Caller<'_, HostState>,
+    missing: Status,
+    f: impl FnOnce(&mut Actions, bool) -> HostResult,
+) -> HostResult {
+    let state = c.data_mut();
+    if let Some(remote) = state.remote() {
+        let r = {
+            let mut actions = remote.actions.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut actions, false)
+        };
+        remote.notify.notify_one();
+        return r;
+    }
+    let s = state.stream_mut().ok_or(missing)?;
+    let sent = s.local_reply_sent;
+    f(&mut s.actions, sent)
+}
+
 fn continue_stream(c: &mut Caller<'_, HostState>, which: i32) -> HostResult {
     started(c)?;
-    let s = c.data_mut().stream_mut().ok_or(Status::NotFound)?;
-    match which {
-        0 => s.actions.continue_request = true,
-        1 => s.actions.continue_response = true,
-        // Downstream/upstream (TCP) streams do not exist in an HTTP filter.
-        2 | 3 => return Err(Status::NotFound.into()),
-        _ => return Err(Status::BadArgument.into()),
-    }
-    Ok(())
+    with_actions(c, Status::NotFound, |a, _| {
+        match which {
+            0 => a.continue_request = true,
+            1 => a.continue_response = true,
+            // Downstream/upstream (TCP) streams do not exist in an HTTP filter.
+            2 | 3 => return Err(Status::NotFound.into()),
+            _ => return Err(Status::BadArgument.into()),
+        }
+        Ok(())
+    })
 }
 
 fn close_stream(c: &mut Caller<'_, HostState>, which: i32) -> HostResult {
     started(c)?;
-    let s = c.data_mut().stream_mut().ok_or(Status::NotFound)?;
-    match which {
-        0 | 1 => s.actions.close = true,
-        2 | 3 => return Err(Status::NotFound.into()),
-        _ => return Err(Status::BadArgument.into()),
-    }
-    Ok(())
+    with_actions(c, Status::NotFound, |a, _| {
+        match which {
+            0 | 1 => a.close = true,
+            2 | 3 => return Err(Status::NotFound.into()),
+            _ => return Err(Status::BadArgument.into()),
+        }
+        Ok(())
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -63,21 +86,23 @@ fn send_local_response(
         }
         map.append(headers::name(k)?, headers::value(v)?);
     }
-    let s = c.data_mut().stream_mut().ok_or(Status::BadArgument)?;
-    if s.local_reply_sent {
-        // Envoy sends one local reply per stream; a second one (e.g. from the response
-        // callbacks that run on the first) is ignored.
-        tracing::debug!("wasm filter sent a second local reply; ignored");
-        return Ok(());
-    }
-    s.actions.local_reply = Some(LocalReply {
+    let reply = LocalReply {
         status,
         headers: map,
         body: body.into(),
         details,
         grpc_status: u32::try_from(grpc).ok(),
-    });
-    Ok(())
+    };
+    with_actions(c, Status::BadArgument, |a, sent| {
+        if sent {
+            // Envoy sends one local reply per stream; a second one (e.g. from the response
+            // callbacks that run on the first) is ignored.
+            tracing::debug!("wasm filter sent a second local reply; ignored");
+            return Ok(());
+        }
+        a.local_reply = Some(reply);
+        Ok(())
+    })
 }
 
 fn get_status(c: &mut Caller<'_, HostState>, rc: i32, rp: i32, rl: i32) -> HostResult {

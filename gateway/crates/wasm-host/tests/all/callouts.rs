@@ -253,6 +253,27 @@ async fn fire_and_forget_callout_answered_before_the_response() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_context_answers_a_paused_stream() {
+    let env = TestEnv::new();
+    let p = plugin(
+        &engine(1),
+        &env,
+        "callout",
+        "callout-wait",
+        "tick",
+        FailPolicy::Closed,
+    );
+    let x = exchange(&p, request("/wait", &[])).await;
+    match &x.request_decision {
+        Decision::LocalReply(r) => {
+            assert_eq!(r.status, StatusCode::ACCEPTED);
+            assert_eq!(hv(&r.headers, "x-released"), Some("by-tick"));
+        }
+        other => panic!("expected the tick's local reply, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_streams_interleave_on_one_replica() {
     let env = TestEnv::new();
     let p = plugin(

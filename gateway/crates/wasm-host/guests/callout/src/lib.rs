@@ -12,7 +12,8 @@
 //! failed call a 502 with `x-status` = `proxy_get_status`'s code. `/grpc` makes a unary gRPC
 //! call `weir.Auth/Check` to `auth`: OK resumes with `x-grpc` set to the reply, an error
 //! status gets a 403 with `x-grpc-status`/`x-grpc-message`. `/async` makes the `auth` call
-//! but continues at once (the answer is handled when it comes).
+//! but continues at once (the answer is handled when it comes). `/wait` pauses until the next
+//! tick (configuration `tick`), which answers it with a 202 local reply from the root context.
 
 use std::time::Duration;
 
@@ -77,6 +78,10 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        for id in WAITING.with(|w| std::mem::take(&mut *w.borrow_mut())) {
+            hostcalls::set_effective_context(id).unwrap();
+            hostcalls::send_http_response(202, vec![("x-released", "by-tick")], None).unwrap();
+        }
         let (v, cas) = self.get_shared_data("callout.ticks");
         let n: u64 = v
             .map(|v| String::from_utf8_lossy(&v).parse().unwrap())
@@ -93,7 +98,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http))
+        Some(Box::new(Http { id: _id }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -101,7 +106,14 @@ impl RootContext for Root {
     }
 }
 
-struct Http;
+struct Http {
+    id: u32,
+}
+
+thread_local! {
+    /// Streams paused on `/wait`, released by the root context's next tick.
+    static WAITING: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 impl Context for Http {
     fn on_grpc_call_response(&mut self, _token: u32, status_code: u32, size: usize) {
@@ -187,6 +199,11 @@ impl HttpContext for Http {
                     .dispatch_grpc_call("auth", "weir.Auth", "Check", vec![], None, Duration::ZERO)
                     .unwrap();
                 self.cancel_grpc_call(cancelled);
+                Action::Pause
+            }
+            "/wait" => {
+                // Paused until the root context's timer releases the stream.
+                WAITING.with(|w| w.borrow_mut().push(self.id));
                 Action::Pause
             }
             "/bad-cluster" => {
