@@ -83,14 +83,14 @@ pub(crate) struct Actions {
     pub local_reply: Option<LocalReply>,
 }
 
-/// Actions requested for a stream from another context (a root context's `on_tick` or
-/// `on_queue_ready`, another stream) after `proxy_set_effective_context(stream)`, while the
-/// stream's own context is not loaded. The stream picks them up when it waits or at its next
-/// callback.
+/// A live stream context of the VM as other contexts see it: actions requested for it from
+/// another context (a root context's `on_tick` or `on_queue_ready`, another stream) after
+/// `proxy_set_effective_context(stream)`, while its own context is not loaded. Written and read
+/// under the VM lock; the stream takes them at its next guest call, or when `waker` wakes it.
 #[derive(Debug, Default)]
-pub(crate) struct Remote {
-    pub actions: Mutex<Actions>,
-    pub notify: Notify,
+pub(crate) struct Parked {
+    pub actions: Actions,
+    pub waker: Option<Arc<Notify>>,
 }
 
 /// Which body a stream callback sees.
@@ -175,7 +175,9 @@ pub(crate) struct HostState {
     /// The stream whose callback runs now, if any.
     pub stream: Option<Box<StreamCtx>>,
     /// Every live stream context of this VM (loaded or not), for actions from other contexts.
-    pub streams: HashMap<u32, Arc<Remote>>,
+    pub streams: HashMap<u32, Parked>,
+    /// Whether any context ever acted on a parked stream (skips the lookup otherwise).
+    pub parked_used: bool,
     pub shared: Arc<VmShared>,
     pub next_token: u32,
     pub new_callouts: Vec<NewCallout>,
@@ -203,6 +205,7 @@ impl HostState {
             root_properties: HashMap::new(),
             stream: None,
             streams: HashMap::new(),
+            parked_used: false,
             shared,
             next_token: 0,
             new_callouts: Vec::new(),
@@ -219,12 +222,12 @@ impl HostState {
         self.stream.as_deref_mut().filter(|s| s.id == eff)
     }
 
-    /// The actions of the effective context when it is a stream that is not loaded.
-    pub(crate) fn remote(&self) -> Option<Arc<Remote>> {
+    /// The effective context when it is a stream that is not loaded.
+    pub(crate) fn parked_mut(&mut self) -> Option<&mut Parked> {
         if self.stream_ref().is_some() {
             return None;
         }
-        self.streams.get(&self.effective).cloned()
+        self.streams.get_mut(&self.effective)
     }
 
     /// The stream the effective context designates, if it is the loaded stream.

@@ -15,7 +15,7 @@ use crate::config::FailPolicy;
 use crate::error::CallError;
 use crate::host_env::CallResponse;
 use crate::plugin::{Plugin, deliver_callout};
-use crate::state::{Actions, BodyKind, Phase, Remote, StreamCtx};
+use crate::state::{Actions, BodyKind, Parked, Phase, StreamCtx};
 use crate::vm::{Failure, HeadersFn, Vm};
 
 /// The request line and headers. The guest sees `method`, `scheme`, `authority` and `path` as
@@ -239,7 +239,8 @@ pub struct HttpStream {
     ctx: Option<Box<StreamCtx>>,
     lifecycle: Lifecycle,
     pending: Pending,
-    remote: Arc<Remote>,
+    /// Wakes a waiting callback when another context acts on this stream (made on first wait).
+    waker: Option<Arc<tokio::sync::Notify>>,
     request_body: BytesMut,
     response_body: BytesMut,
 }
@@ -284,7 +285,7 @@ impl HttpStream {
             lifecycle: Lifecycle::New,
             pending: FuturesUnordered::new(),
             request_body: BytesMut::new(),
-            remote: Arc::new(Remote::default()),
+            waker: None,
             response_body: BytesMut::new(),
         }
     }
@@ -362,7 +363,7 @@ impl HttpStream {
         let create = self.lifecycle == Lifecycle::New;
         let state = vm.store.data_mut();
         if create {
-            state.streams.insert(id, self.remote.clone());
+            state.streams.insert(id, Parked::default());
         }
         state.stream = Some(ctx);
         state.effective = id;
@@ -370,6 +371,11 @@ impl HttpStream {
         let r = call(vm, id, spec.context_id, create);
         let state = vm.store.data_mut();
         self.ctx = state.stream.take();
+        if state.parked_used
+            && let (Some(ctx), Some(parked)) = (self.ctx.as_deref_mut(), state.streams.get_mut(&id))
+        {
+            merge(ctx, std::mem::take(&mut parked.actions));
+        }
         state.effective = 0;
         let callouts = std::mem::take(&mut state.new_callouts);
         for c in callouts {
@@ -446,7 +452,6 @@ impl HttpStream {
     /// continue; Envoy delivers the response whenever it comes). A local reply or close
     /// requested from those callbacks is returned.
     fn deliver_ready(&mut self) -> Option<Decision> {
-        self.merge_remote();
         while let Some(Some((token, result))) = self.pending.next().now_or_never() {
             let spec = self.plugin.root.clone();
             let r = self.invoke(|vm, _id, root, _create| {
@@ -456,7 +461,6 @@ impl HttpStream {
                 return Some(self.failure_decision());
             }
         }
-        self.merge_remote();
         let ctx = self.ctx();
         let actions = std::mem::take(&mut ctx.actions);
         if let Some(reply) = actions.local_reply {
@@ -472,30 +476,32 @@ impl HttpStream {
         None
     }
 
-    /// Take the actions other contexts requested for this stream.
-    fn merge_remote(&mut self) {
-        let remote = std::mem::take(
-            &mut *self
-                .remote
-                .actions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        let ctx = self.ctx();
-        let a = &mut ctx.actions;
-        a.continue_request |= remote.continue_request;
-        a.continue_response |= remote.continue_response;
-        a.close |= remote.close;
-        if a.local_reply.is_none() && !ctx.local_reply_sent {
-            a.local_reply = remote.local_reply;
+    /// Before waiting: register the waker and take the actions other contexts requested for
+    /// this stream. Errs when the stream's VM is gone.
+    fn sync_parked(&mut self) -> Result<Arc<tokio::sync::Notify>, ()> {
+        let waker = self.waker.get_or_insert_with(Default::default).clone();
+        let plugin = self.plugin.clone();
+        let mut slot = plugin.group.lock(self.replica);
+        if slot.generation != self.generation {
+            return Err(());
         }
+        let Some(vm) = slot.vm.as_mut() else {
+            return Err(());
+        };
+        let id = self.ctx().id;
+        let Some(parked) = vm.store.data_mut().streams.get_mut(&id) else {
+            return Err(());
+        };
+        parked.waker = Some(waker.clone());
+        let actions = std::mem::take(&mut parked.actions);
+        drop(slot);
+        merge(self.ctx(), actions);
+        Ok(waker)
     }
 
     /// Apply deferred actions and wait for callouts while the filter is paused.
     async fn resolve(&mut self, dir: Dir, mut action: i32, part: Part) -> Decision {
-        let remote = self.remote.clone();
         loop {
-            self.merge_remote();
             let ctx = self.ctx();
             let actions = std::mem::take(&mut ctx.actions);
             if let Some(reply) = actions.local_reply {
@@ -515,14 +521,24 @@ impl HttpStream {
             if action == 0 || resumed {
                 return Decision::Continue;
             }
+            if self.pending.is_empty()
+                && let Part::Headers { eos: false } | Part::Body { eos: false } = part
+            {
+                return Decision::StopIteration;
+            }
+            // About to wait: take what other contexts asked meanwhile, and be wakeable.
+            let Ok(waker) = self.sync_parked() else {
+                return self.failure_decision();
+            };
+            let a = &self.ctx().actions;
+            if a.local_reply.is_some() || a.close || a.continue_request || a.continue_response {
+                continue;
+            }
             if self.pending.is_empty() {
-                if let Part::Headers { eos: false } | Part::Body { eos: false } = part {
-                    return Decision::StopIteration;
-                }
                 // Nothing more will come from the client: like Envoy, wait for a resume from
                 // another context (a timer, a queue, another stream). The gateway's request
                 // timeout bounds the wait.
-                remote.notify.notified().await;
+                waker.notified().await;
                 continue;
             }
             tokio::select! {
@@ -536,7 +552,7 @@ impl HttpStream {
                         return self.failure_decision();
                     }
                 }
-                _ = remote.notify.notified() => {}
+                _ = waker.notified() => {}
             }
             action = 1;
         }
@@ -843,4 +859,15 @@ fn unreachable_ctx() -> Box<StreamCtx> {
         request_headers_changed: false,
         local_reply_sent: false,
     })
+}
+
+/// Add actions requested from other contexts to the stream's own.
+fn merge(ctx: &mut StreamCtx, other: Actions) {
+    let a = &mut ctx.actions;
+    a.continue_request |= other.continue_request;
+    a.continue_response |= other.continue_response;
+    a.close |= other.close;
+    if a.local_reply.is_none() && !ctx.local_reply_sent {
+        a.local_reply = other.local_reply;
+    }
 }

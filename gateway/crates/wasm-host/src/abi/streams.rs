@@ -19,12 +19,14 @@ fn with_actions(
     f: impl FnOnce(&mut Actions, bool) -> HostResult,
 ) -> HostResult {
     let state = c.data_mut();
-    if let Some(remote) = state.remote() {
-        let r = {
-            let mut actions = remote.actions.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut actions, false)
-        };
-        remote.notify.notify_one();
+    if state.parked_mut().is_some() {
+        state.parked_used = true;
+    }
+    if let Some(parked) = state.parked_mut() {
+        let r = f(&mut parked.actions, false);
+        if let Some(waker) = &parked.waker {
+            waker.notify_one();
+        }
         return r;
     }
     let s = state.stream_mut().ok_or(missing)?;
