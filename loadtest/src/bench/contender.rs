@@ -79,6 +79,8 @@ pub struct Launch<'a> {
     pub dir: PathBuf,
     /// CPU list to pin it to.
     pub cpus: Option<String>,
+    /// `nice` priority (0: unchanged).
+    pub nice: i32,
     /// The request used to check readiness (a 2xx answer means ready).
     pub probe: LoadConfig,
 }
@@ -337,6 +339,7 @@ pub async fn start(kind: Kind, spec: &ProxySpec, launch: Launch<'_>) -> Result<R
         }
     };
     spawn.cpus = launch.cpus.clone();
+    spawn.nice = launch.nice;
     let mut proc = spawn.start()?;
     wait_ready(&launch.probe, &mut proc, Duration::from_secs(20)).await?;
     Ok(Running {

@@ -111,6 +111,16 @@ pub struct BenchOpts {
     /// average below 1), so that other work does not skew the figures; 0 does not wait.
     #[arg(long, global = true, default_value = "0s", value_parser = parse_duration)]
     pub wait_quiet: Duration,
+    /// Run every process of the benchmark (generator, upstream, contenders) at this `nice`
+    /// priority; negative values (root only) keep other work on the machine from skewing the
+    /// figures. 0 leaves priorities alone.
+    #[arg(
+        long,
+        global = true,
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub nice: i32,
     /// Keep the work directory (configurations and logs) after the run.
     #[arg(long, global = true)]
     pub keep_workdir: bool,

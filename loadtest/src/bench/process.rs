@@ -49,6 +49,9 @@ pub struct Spawn {
     pub dir: PathBuf,
     /// Let stderr through to the terminal (the generator's progress bar) instead of the log.
     pub inherit_stderr: bool,
+    /// Scheduling priority (`nice -n`); 0 leaves it as it is. Negative values (root only) put
+    /// the benchmark ahead of other work on a shared machine.
+    pub nice: i32,
 }
 
 impl Spawn {
@@ -62,6 +65,7 @@ impl Spawn {
             cpus: None,
             dir: dir.to_path_buf(),
             inherit_stderr: false,
+            nice: 0,
         }
     }
 
@@ -76,6 +80,9 @@ impl Spawn {
                 format!("--nofile={n}:{n}"),
                 "--".to_string(),
             ]);
+        }
+        if self.nice != 0 {
+            argv.extend(["nice".to_string(), "-n".to_string(), self.nice.to_string()]);
         }
         if let Some(cpus) = &self.cpus {
             argv.extend(["taskset".to_string(), "-c".to_string(), cpus.clone()]);

@@ -300,13 +300,18 @@ impl Env {
 
     fn settings(&self) -> String {
         format!(
-            "{} rounds, contenders run in turn within each round; proxies: {} workers, keep-alive to the upstream, access logs {}",
+            "{} rounds, contenders run in turn within each round; proxies: {} workers, keep-alive to the upstream, access logs {}{}",
             self.opts.rounds,
             self.workers(),
             if self.opts.access_log {
                 "on (file)"
             } else {
                 "off"
+            },
+            if self.opts.nice != 0 {
+                format!("; every process at nice {}", self.opts.nice)
+            } else {
+                String::new()
             }
         )
     }
@@ -345,6 +350,7 @@ impl Env {
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut spawn = Spawn::new(name, &self.exe, &argv, &self.work);
         spawn.cpus = self.opts.cpus_upstream.clone();
+        spawn.nice = self.opts.nice;
         let mut proc = spawn.start()?;
         for a in &addrs {
             let probe = contender::probe_for(
@@ -405,6 +411,7 @@ impl Env {
                 binary: &binary,
                 dir: self.work.join(format!("{scenario}-{}", kind.name())),
                 cpus: self.opts.cpus_proxy.clone(),
+                nice: self.opts.nice,
                 probe: contender::probe_for(spec.listen, probe, tls),
             };
             match contender::start(kind, &spec, launch).await {
@@ -468,6 +475,7 @@ impl Env {
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut spawn = Spawn::new("load", &self.exe, &argv, &self.work);
         spawn.cpus = self.opts.cpus_load.clone();
+        spawn.nice = self.opts.nice;
         spawn.inherit_stderr = true;
         let mut proc = spawn.start()?;
         let limit = plan.warmup + plan.duration + Duration::from_secs(60);
@@ -848,6 +856,7 @@ pub async fn wasm(env: &mut Env) -> Result<ScenarioResult, String> {
             binary: &weir,
             dir: env.work.join(format!("wasm-{}", contenders.len())),
             cpus: env.opts.cpus_proxy.clone(),
+            nice: env.opts.nice,
             probe: contender::probe_for(
                 spec.listen,
                 &Target {
@@ -969,6 +978,7 @@ pub async fn idle(env: &mut Env, count: usize) -> Result<ScenarioResult, String>
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut spawn = Spawn::new("idle-load", &env.exe, &argv, &env.work);
         spawn.cpus = env.opts.cpus_load.clone();
+        spawn.nice = env.opts.nice;
         let mut load = spawn.start()?;
         let deadline = Instant::now() + Duration::from_secs(180);
         while !ready.exists() {
