@@ -270,7 +270,14 @@ impl VmGroup {
     }
 
     fn mark_failed(&self, idx: usize, slot: &mut Slot) {
-        slot.vm = None;
+        if let Some(vm) = slot.vm.take() {
+            // Streams waiting on this VM learn at once that their context is gone.
+            for parked in vm.store.data().streams.values() {
+                if let Some(waker) = &parked.waker {
+                    waker.notify_one();
+                }
+            }
+        }
         slot.failures = slot.failures.saturating_add(1);
         slot.failed_at = Some(Instant::now());
         slot.generation += 1;

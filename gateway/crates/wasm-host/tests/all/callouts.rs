@@ -332,3 +332,31 @@ async fn a_stream_dropped_while_waiting_for_its_callout() {
     assert_eq!(x.request_decision, Decision::Continue);
     assert_eq!(p.stats().traps, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_stream_fails_when_its_vm_is_discarded() {
+    let env = TestEnv::new();
+    // No timer: nothing releases the waiting stream but the failure of its VM.
+    let mut cfg = weir_wasm_host::PluginConfig::new("wait-fail", crate::support::guest("callout"));
+    cfg.vm_id = "callout-wait-fail".into();
+    cfg.limits.restart_backoff = Duration::from_secs(60);
+    let p = weir_wasm_host::Plugin::new(&engine(1), cfg, env.clone()).unwrap();
+    let waiting = {
+        let p = p.clone();
+        tokio::spawn(async move { exchange(&p, request("/wait", &[])).await })
+    };
+    // Whichever runs first, the waiting stream ends with the failure policy.
+    let x = exchange(&p, request("/trap", &[])).await;
+    assert!(
+        matches!(x.request_decision, Decision::LocalReply(ref r) if r.details == "wasm_fail_stream")
+    );
+    let x = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the waiting stream was woken")
+        .unwrap();
+    assert!(
+        matches!(x.request_decision, Decision::LocalReply(ref r) if r.details == "wasm_fail_stream"),
+        "{:?}",
+        x.request_decision
+    );
+}

@@ -14,6 +14,7 @@
 //! status gets a 403 with `x-grpc-status`/`x-grpc-message`. `/async` makes the `auth` call
 //! but continues at once (the answer is handled when it comes). `/wait` pauses until the next
 //! tick (configuration `tick`), which answers it with a 202 local reply from the root context.
+//! `/trap` panics.
 
 use std::time::Duration;
 
@@ -201,6 +202,7 @@ impl HttpContext for Http {
                 self.cancel_grpc_call(cancelled);
                 Action::Pause
             }
+            "/trap" => panic!("asked to trap"),
             "/wait" => {
                 // Paused until the root context's timer releases the stream.
                 WAITING.with(|w| w.borrow_mut().push(self.id));
