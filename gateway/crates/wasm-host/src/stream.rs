@@ -158,6 +158,10 @@ pub enum Decision {
     /// `Continue`. After a paused body chunk the host keeps the bytes (the gateway's buffer is
     /// emptied); the next body callback reports the accumulated size, and `Continue` hands the
     /// whole accumulated (possibly replaced) body back in the gateway's buffer.
+    ///
+    /// Never returned for a part with `end_of_stream` (or trailers): there nothing more can
+    /// come from the client, so the callback itself waits, as Envoy does, until the filter is
+    /// resumed (by a callout response or another context) — bound it with a request timeout.
     StopIteration,
     /// Send this reply instead. The gateway then runs the response callbacks of the filters
     /// that saw the request, this one included, on the reply.
