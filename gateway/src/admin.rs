@@ -121,6 +121,10 @@ async fn handle(
             let mut out = String::with_capacity(16 * 1024);
             shared.registry.render(&mut out);
             render_cluster_gauges(&shared, &mut out);
+            for entry in shared.snapshot.load().plugins.values() {
+                entry.plugin.render_prometheus(&mut out);
+            }
+            weir_wasm_host::render_filter_metrics(&mut out);
             reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",

@@ -20,3 +20,8 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
         .map_err(|never| match never {})
         .boxed()
 }
+
+/// A body received by hyper (downstream request or upstream response), boxed.
+pub fn incoming(body: hyper::body::Incoming) -> ProxyBody {
+    body.map_err(|e| -> BoxError { Box::new(e) }).boxed()
+}

@@ -10,6 +10,7 @@ pub mod body;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod filter;
 pub mod listener;
 pub mod proxy;
 pub mod ratelimit;
@@ -43,6 +44,8 @@ pub struct Shared {
     config_path: PathBuf,
     /// The file contents last loaded or rejected, so the watcher reacts to changes only.
     last_source: std::sync::Mutex<String>,
+    /// The wasm engine, created when a config first declares plugins.
+    engine: std::sync::OnceLock<weir_wasm_host::Engine>,
     /// The admin listener's bound address.
     admin_bound: std::sync::Mutex<Option<SocketAddr>>,
     /// Serializes reloads and owns the running listeners and demo backends.
@@ -78,6 +81,7 @@ impl Gateway {
             config_path,
             last_source: std::sync::Mutex::new(source),
             admin_bound: std::sync::Mutex::new(None),
+            engine: std::sync::OnceLock::new(),
             control: Mutex::new(Control {
                 listeners: listener::Listeners::default(),
                 admin: admin::AdminListener::default(),
@@ -177,6 +181,26 @@ pub enum ReloadError {
 }
 
 impl Shared {
+    /// The wasm engine (one per process), with its compile cache under `cache_dir`.
+    fn engine(&self, cache_dir: &Path) -> Result<&weir_wasm_host::Engine, ConfigErrors> {
+        if let Some(e) = self.engine.get() {
+            return Ok(e);
+        }
+        let config = weir_wasm_host::EngineConfig {
+            cache_dir: Some(cache_dir.join("wasm")),
+            ..Default::default()
+        };
+        let engine = weir_wasm_host::Engine::new(config).map_err(|e| {
+            ConfigErrors(vec![config::ConfigError {
+                file: String::new(),
+                line: 0,
+                column: 0,
+                message: format!("wasm engine: {e}"),
+            }])
+        })?;
+        Ok(self.engine.get_or_init(|| engine))
+    }
+
     /// Read, check and compile the config file, then swap it in. On any error nothing changes.
     pub async fn reload(self: &Arc<Self>) -> Result<u64, ReloadError> {
         let mut control = self.control.lock().await;
@@ -228,7 +252,18 @@ impl Shared {
             .map_err(|e| ReloadError::Admin(admin_addr.unwrap_or(([0, 0, 0, 0], 0).into()), e))?;
         let previous = self.snapshot.load_full();
         let version = previous.version + 1;
-        let snapshot = checked.instantiate(&previous, &self.registry, version)?;
+        let engine = if checked.has_plugins() {
+            Some(self.engine(checked.cache_dir())?)
+        } else {
+            None
+        };
+        let snapshot = checked.instantiate(
+            &previous,
+            &self.registry,
+            version,
+            engine,
+            &Arc::downgrade(self),
+        )?;
         control.demos.apply(&snapshot.demo_backends, self).await;
         let specs = snapshot.listeners.clone();
         self.snapshot.store(Arc::new(snapshot));

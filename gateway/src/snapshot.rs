@@ -102,6 +102,12 @@ pub struct Snapshot {
     pub watch: bool,
     /// The config as JSON, for `/config_dump`.
     pub config_json: serde_json::Value,
+    /// Compiled plugins by name.
+    pub plugins: BTreeMap<String, Arc<crate::filter::PluginEntry>>,
+    /// Filter chain of each listener that has one.
+    pub listener_filters: HashMap<Arc<str>, Vec<crate::filter::Link>>,
+    /// Cache directory for wasm modules.
+    pub cache_dir: std::path::PathBuf,
 }
 
 impl Snapshot {
@@ -118,6 +124,9 @@ impl Snapshot {
             drain_timeout: Duration::from_secs(30),
             watch: false,
             config_json: serde_json::Value::Null,
+            plugins: BTreeMap::new(),
+            listener_filters: HashMap::new(),
+            cache_dir: std::path::PathBuf::new(),
         }
     }
 

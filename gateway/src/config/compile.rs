@@ -17,6 +17,9 @@ use regex::Regex;
 use serde_saphyr::Location;
 
 use super::duration::or;
+use super::plugins::{
+    PendingLink, PendingPlugin, check_chain, check_plugins, instantiate_plugins, links,
+};
 use super::schema::{self, S};
 use super::{ConfigError, ConfigErrors};
 use crate::ratelimit::{Key, RouteRateLimiter};
@@ -45,6 +48,10 @@ pub struct Checked {
     drain_timeout: Duration,
     watch: bool,
     config_json: serde_json::Value,
+    plugins: Vec<PendingPlugin>,
+    listener_filters: Vec<(Arc<str>, Vec<PendingLink>)>,
+    cache_dir: std::path::PathBuf,
+    file: String,
 }
 
 struct PendingRoute {
@@ -59,6 +66,7 @@ struct PendingRoute {
     timeout: Option<Duration>,
     retry: RetryPolicy,
     rate_limit: Option<(NonZeroU32, Duration, NonZeroU32, Key, String)>,
+    filters: Vec<PendingLink>,
 }
 
 enum PendingAction {
@@ -441,6 +449,8 @@ pub fn check(
         });
     }
 
+    let plugin_names: HashSet<String> = cfg.plugins.iter().map(|p| p.name.value.clone()).collect();
+
     // Routes.
     let mut routes = Vec::new();
     let mut route_names = HashSet::new();
@@ -770,7 +780,19 @@ pub fn check(
                 }
             }
         };
+        let mut chain_errors = Vec::new();
+        let filters = check_chain(
+            &r.filters,
+            &plugin_names,
+            at,
+            &format!("routes[{name}].filters"),
+            &mut chain_errors,
+        );
+        for (loc, msg) in chain_errors {
+            c.err(&loc, msg);
+        }
         routes.push(PendingRoute {
+            filters,
             name,
             listeners: r.listeners.iter().map(|l| l.value.clone()).collect(),
             hosts,
@@ -783,6 +805,38 @@ pub fn check(
             retry,
             rate_limit,
         });
+    }
+
+    // Plugins and the listeners' filter chains.
+    let cache_dir = cfg
+        .server
+        .cache_dir
+        .as_ref()
+        .map_or_else(crate::filter::module::default_cache_dir, |d| {
+            std::path::PathBuf::from(path_of(d))
+        });
+    let mut plugin_errors = Vec::new();
+    let plugins = check_plugins(
+        &cfg.plugins,
+        &json,
+        &route_names,
+        base_dir,
+        &cache_dir,
+        &mut plugin_errors,
+    );
+    let mut listener_filters = Vec::new();
+    for l in &cfg.listeners {
+        let chain = check_chain(
+            &l.filters,
+            &plugin_names,
+            l.name.referenced,
+            &format!("listeners[{}].filters", l.name.value),
+            &mut plugin_errors,
+        );
+        listener_filters.push((Arc::<str>::from(l.name.value.as_str()), chain));
+    }
+    for (loc, msg) in plugin_errors {
+        c.err(&loc, msg);
     }
 
     // Access log.
@@ -871,6 +925,10 @@ pub fn check(
             drain_timeout: or(cfg.server.drain_timeout, Duration::from_secs(30)),
             watch: cfg.server.watch.unwrap_or(true),
             config_json: json,
+            plugins,
+            listener_filters,
+            cache_dir,
+            file: file.to_string(),
         })
     } else {
         c.errors.sort_by_key(|e| (e.line, e.column));
@@ -981,7 +1039,17 @@ impl Checked {
         previous: &Snapshot,
         registry: &Arc<Registry>,
         version: u64,
+        engine: Option<&weir_wasm_host::Engine>,
+        shared: &std::sync::Weak<crate::Shared>,
     ) -> Result<Snapshot, ConfigErrors> {
+        let plugins =
+            instantiate_plugins(self.plugins, &previous.plugins, engine, shared, &self.file)?;
+        let mut listener_filters = HashMap::new();
+        for (name, chain) in &self.listener_filters {
+            if !chain.is_empty() {
+                listener_filters.insert(name.clone(), links(chain, &plugins, &self.file)?);
+            }
+        }
         let mut clusters = BTreeMap::new();
         for (spec, fingerprint) in self.clusters {
             let cluster = match previous.clusters.get(&spec.name) {
@@ -1044,6 +1112,7 @@ impl Checked {
                 timeout: p.timeout,
                 retry: p.retry,
                 rate_limit,
+                filters: links(&p.filters, &plugins, &self.file)?,
             };
             built.push((p.listeners, p.hosts, Arc::new(route)));
         }
@@ -1086,7 +1155,20 @@ impl Checked {
             drain_timeout: self.drain_timeout,
             watch: self.watch,
             config_json: self.config_json,
+            plugins,
+            listener_filters,
+            cache_dir: self.cache_dir,
         })
+    }
+
+    /// Whether the config declares plugins (and so needs the wasm engine).
+    pub fn has_plugins(&self) -> bool {
+        !self.plugins.is_empty()
+    }
+
+    /// The cache directory for compiled and downloaded modules.
+    pub fn cache_dir(&self) -> &std::path::Path {
+        &self.cache_dir
     }
 
     /// The admin address this config declares.

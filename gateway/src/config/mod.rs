@@ -2,6 +2,7 @@
 
 pub mod compile;
 pub mod duration;
+pub mod plugins;
 pub mod reference;
 pub mod schema;
 

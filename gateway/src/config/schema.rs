@@ -79,6 +79,10 @@ pub struct Config {
     /// Process-wide settings.
     #[serde(default)]
     pub server: Server,
+    /// proxy-wasm plugins (filters), referenced by name from `listeners[].filters` and
+    /// `routes[].filters`. Default: none.
+    #[serde(default)]
+    pub plugins: Vec<Plugin>,
 }
 
 /// Process-wide settings.
@@ -89,6 +93,9 @@ pub struct Server {
     pub drain_timeout: Option<Duration>,
     /// Watch the config file and reload when it changes. Default: `true`.
     pub watch: Option<bool>,
+    /// Directory of the on-disk cache of compiled wasm modules and downloaded modules.
+    /// Default: `$XDG_CACHE_HOME/weir` or `$HOME/.cache/weir`.
+    pub cache_dir: Option<String>,
 }
 
 /// The admin listener.
@@ -137,6 +144,10 @@ pub struct Listener {
     /// Protection limits for downstream connections.
     #[serde(default)]
     pub limits: ListenerLimits,
+    /// Filters (plugin names, or `{ plugin, config }` to override the configuration) run for
+    /// every request on this listener, before the route's filters. Default: none.
+    #[serde(default)]
+    pub filters: Vec<FilterRef>,
 }
 
 /// TLS termination settings.
@@ -220,6 +231,9 @@ pub struct Route {
     pub retries: Option<Retries>,
     /// Local rate limit. Default: none.
     pub rate_limit: Option<RateLimit>,
+    /// Filters run for requests on this route, after the listener's. Default: none.
+    #[serde(default)]
+    pub filters: Vec<FilterRef>,
 }
 
 /// Request conditions, all of which must hold.
@@ -558,4 +572,98 @@ pub struct DemoBackend {
     pub body: String,
     /// Status code. Default: `200`.
     pub status: Option<u16>,
+}
+
+/// A filter in a chain: a plugin name, or a plugin with a configuration for this place only.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum FilterRef {
+    /// The plugin with its own configuration.
+    Name(String),
+    /// The plugin with another configuration (a per-route override).
+    WithConfig {
+        /// Plugin name.
+        plugin: String,
+        /// Configuration for this chain (any YAML value, given to the filter as JSON; a string is
+        /// given as is).
+        config: serde_json::Value,
+    },
+}
+
+/// A proxy-wasm plugin: a module and its configuration (Envoy's `envoy.filters.http.wasm`,
+/// Istio's `WasmPlugin`).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Plugin {
+    /// Unique name (the `plugin_name` property, the `plugin` label of metrics).
+    pub name: S<String>,
+    /// The module: a file path, `builtin:NAME` for a filter shipped in Weir, or an `https://`
+    /// URL (requires `sha256`; downloaded once into the cache directory).
+    pub module: S<String>,
+    /// Hex SHA-256 of the module; checked for every source when given.
+    pub sha256: Option<S<String>>,
+    /// Root id, for modules with several root contexts. Default: empty.
+    #[serde(default)]
+    pub root_id: String,
+    /// VM id: plugins with the same module, `vm_id` and `vm_config` share VMs, and so shared data
+    /// and queues. Default: empty.
+    #[serde(default)]
+    pub vm_id: String,
+    /// VM configuration (any YAML value, given as JSON; a string is given as is). Default: empty.
+    pub vm_config: Option<serde_json::Value>,
+    /// Plugin configuration (any YAML value, given as JSON; a string is given as is).
+    /// Default: empty.
+    pub config: Option<serde_json::Value>,
+    /// What a request gets when the filter fails (trap, deadline, memory cap): `closed` (503,
+    /// Istio FAIL_CLOSE), `open` (skip the filter, FAIL_OPEN) or `reload` (503 and recreate the
+    /// VM at once, FAIL_RELOAD). Default: `closed`.
+    pub fail: Option<S<String>>,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: PluginLimits,
+    /// Per-route or per-host configuration overrides (Higress `matchRules`): the first rule
+    /// whose routes or hosts match the request replaces `config`. Default: none.
+    #[serde(default)]
+    pub match_rules: Vec<MatchRule>,
+    /// The quota of the `weir_rate_limit` foreign function for this plugin. Default: 100
+    /// requests per second, burst 100.
+    pub rate_limit: Option<ForeignRateLimit>,
+}
+
+/// A plugin's resource limits.
+#[derive(Debug, Deserialize, Default, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PluginLimits {
+    /// Linear memory of one VM, in MiB. Default: `64`.
+    pub memory_mib: Option<u32>,
+    /// Deadline of one callback into the filter. Default: `100ms`.
+    pub cpu_deadline: Option<Duration>,
+    /// Body bytes a filter may hold while it pauses. Default: `1048576` (1 MiB).
+    pub body_buffer_bytes: Option<usize>,
+}
+
+/// A per-route or per-host configuration of a plugin.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MatchRule {
+    /// Route names this rule applies to.
+    #[serde(default)]
+    pub routes: Vec<S<String>>,
+    /// Hosts (`api.example.com`, `*.example.com`) this rule applies to.
+    #[serde(default)]
+    pub hosts: Vec<S<String>>,
+    /// The configuration for matching requests.
+    pub config: serde_json::Value,
+}
+
+/// The quota behind the `weir_rate_limit` foreign function.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForeignRateLimit {
+    /// Requests allowed per `per`, per key.
+    pub requests: u32,
+    /// The period. Default: `1s`.
+    pub per: Option<Duration>,
+    /// Burst size. Default: `requests`.
+    pub burst: Option<u32>,
 }

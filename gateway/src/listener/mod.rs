@@ -235,7 +235,9 @@ async fn handle_connection(
             remote = addr;
         }
     }
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let mut conn = ConnInfo {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         remote,
         local,
         listener: spec.name.clone(),

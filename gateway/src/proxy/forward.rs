@@ -11,12 +11,11 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body::Body as _;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::logged_body::{CountingBody, Finish};
-use super::service::{ConnInfo, buffer_body, is_upgrade, strip_hop_by_hop};
+use super::service::{ConnInfo, buffer_body, strip_hop_by_hop};
 use crate::body::{ProxyBody, empty, full};
 use crate::error::ProxyError;
 use crate::route::table::{Backend, Route};
@@ -57,12 +56,14 @@ struct AttemptError {
     error: ProxyError,
 }
 
-/// Forward `req` along `route` to `backend`.
+/// Forward `req` along `route` to `backend`. `downstream_upgrade` is set for a WebSocket
+/// upgrade request (taken from the downstream request before its body was wrapped).
 pub async fn forward(
     route: &Route,
     backend: &Backend,
     conn: &ConnInfo,
-    mut req: Request<Incoming>,
+    req: Request<ProxyBody>,
+    downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
     finish: &mut Finish,
 ) -> Result<Forwarded, ProxyError> {
     let cluster = &backend.cluster;
@@ -74,8 +75,7 @@ pub async fn forward(
         return Err(ProxyError::Overflow);
     }
 
-    let upgrade = is_upgrade(&req);
-    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let upgrade = downstream_upgrade.is_some();
     let (mut parts, body) = req.into_parts();
 
     // Rewrites and header edits.
@@ -150,7 +150,7 @@ pub async fn forward(
     } else {
         streaming = Some(match counter {
             Some(c) => CountingBody::wrap(body, c),
-            None => body.map_err(Into::into).boxed(),
+            None => body,
         });
     }
     let may_retry = streaming.is_none() && !upgrade;
@@ -231,7 +231,7 @@ pub async fn forward(
                     if attempt > 0 && status >= 500 {
                         finish.add_flag("URX");
                     }
-                    let response = resp.map(|b| b.map_err(Into::into).boxed());
+                    let response = resp.map(crate::body::incoming);
                     return Ok(Forwarded {
                         response,
                         upstream: ep.addr,

@@ -41,7 +41,9 @@ pub struct Finish {
     /// Envoy response flags, comma-separated.
     pub flags: String,
     /// Envoy response code details.
-    pub details: &'static str,
+    pub details: std::borrow::Cow<'static, str>,
+    /// The filter streams of this request, finished (`on_log`...) at the end.
+    pub filters: Option<crate::filter::chain::Streams>,
     /// Upstream transport failure reason.
     pub upstream_failure: Option<String>,
     code: u16,
@@ -84,7 +86,8 @@ impl Finish {
             cluster: None,
             upstream: None,
             flags: String::new(),
-            details: "via_upstream",
+            details: "via_upstream".into(),
+            filters: None,
             upstream_failure: None,
             code: 0,
             response_duration: None,
@@ -125,13 +128,21 @@ impl Finish {
         mut self,
         resp: Response<ProxyBody>,
         flag: &str,
-        details: &'static str,
+        details: impl Into<std::borrow::Cow<'static, str>>,
     ) -> Response<ProxyBody> {
         if !flag.is_empty() {
             self.add_flag(flag);
         }
-        self.details = details;
+        self.details = details.into();
         self.respond(resp)
+    }
+
+    /// The answer of a route's action.
+    pub fn answer(self, answer: super::service::Answer) -> Response<ProxyBody> {
+        match answer.local {
+            Some((flag, details)) => self.local(answer.response, flag, details),
+            None => self.upstream_response(answer.response),
+        }
     }
 
     /// A response from upstream.
@@ -151,6 +162,9 @@ impl Finish {
 
     fn complete(self, bytes_sent: u64, downstream_gone: bool) {
         let duration = self.started.elapsed();
+        if let Some(streams) = &self.filters {
+            crate::filter::chain::finish(streams);
+        }
         if let Some(route) = &self.route {
             route.stats.codes.inc(self.code);
             route.stats.duration.observe(duration);
@@ -175,7 +189,7 @@ impl Finish {
             request_headers: &self.request_headers,
             response_headers: self.response_headers.as_ref(),
             code: self.code,
-            code_details: self.details,
+            code_details: &self.details,
             flags: &flags,
             bytes_received: self
                 .bytes_received
@@ -268,13 +282,13 @@ impl Drop for LoggedBody {
 
 /// A request body that counts its bytes (for `%BYTES_RECEIVED%`).
 pub struct CountingBody {
-    inner: Incoming,
+    inner: ProxyBody,
     count: Arc<AtomicU64>,
 }
 
 impl CountingBody {
     /// Wrap `inner`, adding to `count`.
-    pub fn wrap(inner: Incoming, count: Arc<AtomicU64>) -> ProxyBody {
+    pub fn wrap(inner: ProxyBody, count: Arc<AtomicU64>) -> ProxyBody {
         CountingBody { inner, count }.boxed()
     }
 }
@@ -294,7 +308,7 @@ impl Body for CountingBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }

@@ -1,7 +1,6 @@
 //! One downstream request, from headers in to response out: checks, routing, local replies,
 //! rate limiting, forwarding with retries, and the access log.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,6 +24,8 @@ use crate::snapshot::Snapshot;
 /// What the proxy knows about the downstream connection.
 #[derive(Debug)]
 pub struct ConnInfo {
+    /// Connection id, unique in the process (`connection_id` property).
+    pub id: u64,
     /// Client address (from PROXY protocol when enabled).
     pub remote: SocketAddr,
     /// Listener address the client connected to.
@@ -158,7 +159,7 @@ fn check_request(req: &Request<Incoming>, allow_underscores: bool) -> Result<(),
 }
 
 /// The request's authority: `:authority` (HTTP/2 or absolute-form) or `Host`.
-fn authority(req: &Request<Incoming>) -> &str {
+pub(crate) fn authority<B>(req: &Request<B>) -> &str {
     match req.uri().authority() {
         Some(a) => a.as_str(),
         None => req
@@ -185,7 +186,7 @@ pub async fn serve(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
     mut req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
+) -> Result<Response<ProxyBody>, crate::body::BoxError> {
     let started = Instant::now();
     let start_time = SystemTime::now();
     let snapshot = shared.snapshot.load_full();
@@ -246,6 +247,44 @@ pub async fn serve(
         }
     }
 
+    let listener_filters = snapshot.listener_filters.get(&conn.listener);
+    if listener_filters.is_none() && route.filters.is_empty() {
+        let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+        let answer = run_action(
+            &route,
+            &conn,
+            req.map(crate::body::incoming),
+            upgrade,
+            &mut finish,
+        )
+        .await;
+        return Ok(finish.answer(answer));
+    }
+    let links: Vec<&crate::filter::Link> = listener_filters
+        .into_iter()
+        .flatten()
+        .chain(route.filters.iter())
+        .collect();
+    super::filtered::serve(&snapshot, &conn, route.clone(), req, finish, &links).await
+}
+
+/// What a route's action produced: a response, and for the proxy's own answers the response
+/// flag and details.
+pub struct Answer {
+    /// The response.
+    pub response: Response<ProxyBody>,
+    /// `(flag, details)` when the proxy answered itself.
+    pub local: Option<(&'static str, &'static str)>,
+}
+
+/// Carry out a route's action: a direct response, a redirect, or forwarding upstream.
+pub async fn run_action(
+    route: &Arc<Route>,
+    conn: &ConnInfo,
+    req: Request<ProxyBody>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+    finish: &mut Finish,
+) -> Answer {
     match &route.action {
         Action::Direct {
             status,
@@ -260,18 +299,23 @@ pub async fn serve(
             resp.headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
             route.response_headers.apply(resp.headers_mut());
-            Ok(finish.local(resp, "", "direct_response"))
+            Answer {
+                response: resp,
+                local: Some(("", "direct_response")),
+            }
         }
         Action::Redirect(r) => {
             let mut resp = redirect(r, &req, conn.tls);
             route.response_headers.apply(resp.headers_mut());
-            Ok(finish.local(resp, "", "redirect"))
+            Answer {
+                response: resp,
+                local: Some(("", "redirect")),
+            }
         }
         Action::Proxy(backends) => {
-            let random: u64 = rand::random();
-            let backend = backends.pick(random);
+            let backend = backends.pick(rand::random());
             finish.cluster = Some(backend.cluster.name.clone());
-            match forward::forward(&route, backend, &conn, req, &mut finish).await {
+            match forward::forward(route, backend, conn, req, upgrade, finish).await {
                 Ok(Forwarded {
                     mut response,
                     upstream,
@@ -279,9 +323,15 @@ pub async fn serve(
                     finish.upstream = Some(upstream);
                     strip_hop_by_hop_response(&mut response);
                     route.response_headers.apply(response.headers_mut());
-                    Ok(finish.upstream_response(response))
+                    Answer {
+                        response,
+                        local: None,
+                    }
                 }
-                Err(e) => Ok(finish.local(e.into_response(), e.flag(), e.details())),
+                Err(e) => Answer {
+                    response: e.into_response(),
+                    local: Some((e.flag(), e.details())),
+                },
             }
         }
     }
@@ -301,7 +351,11 @@ fn ip_bytes(ip: std::net::IpAddr) -> [u8; 16] {
     }
 }
 
-fn find_route(snapshot: &Snapshot, conn: &ConnInfo, req: &Request<Incoming>) -> Option<Arc<Route>> {
+pub(crate) fn find_route<B>(
+    snapshot: &Snapshot,
+    conn: &ConnInfo,
+    req: &Request<B>,
+) -> Option<Arc<Route>> {
     let table = snapshot.tables.get(&conn.listener)?;
     let host = normalize_host(authority(req));
     let view = RequestView {
@@ -313,7 +367,7 @@ fn find_route(snapshot: &Snapshot, conn: &ConnInfo, req: &Request<Incoming>) -> 
     table.find(&host, &view).cloned()
 }
 
-fn redirect(r: &RedirectAction, req: &Request<Incoming>, tls: bool) -> Response<ProxyBody> {
+fn redirect<B>(r: &RedirectAction, req: &Request<B>, tls: bool) -> Response<ProxyBody> {
     let scheme = r
         .scheme
         .as_deref()
@@ -351,13 +405,19 @@ fn redirect(r: &RedirectAction, req: &Request<Incoming>, tls: bool) -> Response<
     resp
 }
 
-/// Collect a small request body so that it can be sent again on retry.
-pub async fn buffer_body(body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
-    let limited = http_body_util::Limited::new(body, limit);
-    match limited.collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(_) => Err(ProxyError::BadRequest("request body could not be read")),
+/// Collect a small request body so that it can be sent again on retry (at most `limit` bytes).
+pub async fn buffer_body(mut body: ProxyBody, limit: usize) -> Result<Bytes, ProxyError> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| ProxyError::BadRequest("request body could not be read"))?;
+        if let Some(data) = frame.data_ref() {
+            if out.len() + data.len() > limit {
+                return Err(ProxyError::BadRequest("request body too large to buffer"));
+            }
+            out.extend_from_slice(data);
+        }
     }
+    Ok(out.freeze())
 }
 
 /// Whether the request asks to switch protocols (WebSocket).

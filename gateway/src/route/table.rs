@@ -36,6 +36,8 @@ pub struct Route {
     pub rate_limit: Option<Arc<RouteRateLimiter>>,
     /// Statistics, kept across reloads by route name.
     pub stats: Arc<RouteStats>,
+    /// proxy-wasm filters of this route (after the listener's).
+    pub filters: Vec<crate::filter::Link>,
 }
 
 /// What a route does.

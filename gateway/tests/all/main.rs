@@ -2,6 +2,7 @@
 //! servers. One test binary made of modules keeps link time down.
 
 mod config;
+mod filters;
 mod hardening;
 mod lifecycle;
 mod protocols;

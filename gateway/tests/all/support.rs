@@ -377,3 +377,30 @@ pub fn pem_to_der(pem: &str) -> Vec<u8> {
         .unwrap()
         .to_vec()
 }
+
+/// The path of a test guest (`http`, `callout`, `bad`) of the wasm host crate, built once per
+/// test process into its own target dir (no lock on the outer build).
+pub fn guest(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .canonicalize()
+            .unwrap();
+        let target = root.join("target/wasm-guests");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.current_dir(&root)
+            .env("CARGO_TARGET_DIR", &target)
+            .args(["build", "--profile", "wasm", "--target", "wasm32-wasip1"]);
+        for g in ["http", "callout", "bad", "bench"] {
+            cmd.args(["-p", &format!("weir-guest-{g}")]);
+        }
+        assert!(
+            cmd.status().unwrap().success(),
+            "building the test guests failed"
+        );
+        target.join("wasm32-wasip1/wasm")
+    });
+    dir.join(format!("weir_guest_{name}.wasm"))
+}

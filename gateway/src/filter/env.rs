@@ -1,0 +1,175 @@
+//! The gateway's side of the proxy-wasm host: callouts to configured clusters and the
+//! `weir_rate_limit` foreign function (governor).
+
+use std::num::NonZeroU32;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
+use http_body_util::BodyExt;
+use weir_wasm_host::{
+    CallError, CallResponse, ForeignFunction, HostEnv, RATE_LIMIT_FUNCTION, Status,
+};
+
+use crate::Shared;
+use crate::upstream::cluster::PickContext;
+
+/// Largest callout response body read (1 MiB, like Envoy's default buffer).
+const CALLOUT_BODY_LIMIT: usize = 1 << 20;
+
+/// The host environment of one plugin.
+pub struct GatewayEnv {
+    shared: Weak<Shared>,
+    limiter: Arc<DefaultKeyedRateLimiter<Vec<u8>>>,
+}
+
+impl GatewayEnv {
+    /// An environment for a plugin whose `weir_rate_limit` quota is `requests` per `per`.
+    pub fn new(shared: Weak<Shared>, requests: u32, per: Duration, burst: u32) -> GatewayEnv {
+        let requests = NonZeroU32::new(requests.max(1)).expect("positive");
+        let burst = NonZeroU32::new(burst.max(1)).expect("positive");
+        let quota = Quota::with_period(per.max(Duration::from_nanos(1)) / requests.get())
+            .unwrap_or_else(|| Quota::per_second(requests))
+            .allow_burst(burst);
+        GatewayEnv {
+            shared,
+            limiter: Arc::new(DefaultKeyedRateLimiter::keyed(quota)),
+        }
+    }
+}
+
+impl HostEnv for GatewayEnv {
+    fn has_cluster(&self, cluster: &str) -> bool {
+        self.shared
+            .upgrade()
+            .is_some_and(|s| s.snapshot.load().clusters.contains_key(cluster))
+    }
+
+    fn http_call(
+        &self,
+        cluster: &str,
+        request: http::Request<Bytes>,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'static, Result<CallResponse, CallError>> {
+        let cluster = self
+            .shared
+            .upgrade()
+            .and_then(|s| s.snapshot.load().clusters.get(cluster).cloned())
+            .ok_or_else(|| CallError::UnknownCluster(cluster.to_string()));
+        Box::pin(async move {
+            let cluster = cluster?;
+            let call = async {
+                let ctx = PickContext {
+                    headers: request.headers(),
+                    client_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+                    random: rand::random(),
+                };
+                let ep = cluster
+                    .pick(None, &ctx, None)
+                    .ok_or_else(|| CallError::Reset("no healthy upstream".into()))?;
+                let _active = ep.start_request();
+                let (mut parts, body) = request.into_parts();
+                let path = parts
+                    .uri
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_string();
+                let authority = parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or(&cluster.name)
+                    .to_string();
+                let trailers = parts.extensions.remove::<weir_wasm_host::CallTrailers>();
+                let body = match trailers {
+                    Some(t) if !t.0.is_empty() => http_body_util::Full::new(body)
+                        .map_err(|never| match never {})
+                        .with_trailers(async move { Some(Ok(t.0)) })
+                        .boxed(),
+                    _ => crate::body::full(body),
+                };
+                let resp = match &cluster.h2 {
+                    Some(pool) => {
+                        let scheme = if cluster.spec().tls.is_some() {
+                            "https"
+                        } else {
+                            "http"
+                        };
+                        parts.uri = format!("{scheme}://{authority}{path}")
+                            .parse()
+                            .map_err(|_| CallError::Reset("invalid :path".into()))?;
+                        parts.version = http::Version::HTTP_2;
+                        parts.headers.remove(http::header::HOST);
+                        let req = http::Request::from_parts(parts, body);
+                        let mut sender = pool
+                            .sender(ep.addr)
+                            .await
+                            .map_err(|e| CallError::Reset(e.to_string()))?;
+                        sender
+                            .send_request(req)
+                            .await
+                            .map_err(|e| CallError::Reset(e.to_string()))?
+                    }
+                    None => {
+                        parts.uri = format!("http://{}{path}", ep.authority)
+                            .parse()
+                            .map_err(|_| CallError::Reset("invalid :path".into()))?;
+                        parts.version = http::Version::HTTP_11;
+                        let req = http::Request::from_parts(parts, body);
+                        cluster
+                            .client
+                            .request(req)
+                            .await
+                            .map_err(|e| CallError::Reset(e.to_string()))?
+                    }
+                };
+                let (parts, body) = resp.into_parts();
+                let collected = http_body_util::Limited::new(body, CALLOUT_BODY_LIMIT)
+                    .collect()
+                    .await
+                    .map_err(|e| CallError::Reset(e.to_string()))?;
+                let trailers = collected.trailers().cloned().unwrap_or_default();
+                Ok(CallResponse {
+                    response: http::Response::from_parts(parts, collected.to_bytes()),
+                    trailers,
+                })
+            };
+            match timeout {
+                Some(t) => tokio::time::timeout(t, call)
+                    .await
+                    .map_err(|_| CallError::Timeout)?,
+                None => call.await,
+            }
+        })
+    }
+
+    fn foreign_function(&self, name: &str) -> Option<ForeignFunction> {
+        if name != RATE_LIMIT_FUNCTION {
+            return None;
+        }
+        let limiter = self.limiter.clone();
+        Some(Arc::new(move |args: &[u8]| {
+            let (cost, key) = weir_wasm_host::decode_rate_limit_args(args)?;
+            let cost = NonZeroU32::new(cost.max(1)).ok_or(Status::BadArgument)?;
+            let key = key.as_bytes().to_vec();
+            match limiter.check_key_n(&key, cost) {
+                Ok(Ok(())) => Ok(weir_wasm_host::encode_rate_limit_result(
+                    true,
+                    Duration::ZERO,
+                )),
+                Ok(Err(not_until)) => {
+                    let wait = not_until.wait_time_from(DefaultClock::default().now());
+                    Ok(weir_wasm_host::encode_rate_limit_result(false, wait))
+                }
+                // More than the burst can ever allow.
+                Err(_) => Ok(weir_wasm_host::encode_rate_limit_result(
+                    false,
+                    Duration::MAX,
+                )),
+            }
+        }))
+    }
+}

@@ -1,0 +1,260 @@
+//! proxy-wasm filters on the request path: real guests compiled to wasm32-wasip1, run through
+//! the gateway in front of a real upstream.
+
+use crate::support::*;
+
+fn cfg(plugins: &str, routes: &str, up: std::net::SocketAddr, listener_filters: &str) -> String {
+    format!(
+        "admin: {{ address: 127.0.0.1:0 }}\nserver: {{ watch: false }}\nlisteners:\n  - {{ name: main, address: 127.0.0.1:0{listener_filters} }}\nplugins:\n{plugins}routes:\n{routes}clusters:\n  - {{ name: up, endpoints: [ {{ address: \"{up}\" }} ] }}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_pseudo_headers_properties_and_local_replies() {
+    let up = upstream("up", Behavior::default()).await;
+    let http = guest("http");
+    let plugins = format!(
+        "  - {{ name: h, module: \"{}\", vm_id: v1, config: \"plain\", vm_config: {{ color: red }} }}\n",
+        http.display()
+    );
+    let routes = "  - { name: r, filters: [h], backends: [ { cluster: up } ] }\n";
+    let gw = gateway(&cfg(&plugins, routes, up.addr, "")).await;
+    let addr = gw.addr("main").await;
+
+    let r = get(addr, "svc.example", "/hello?x=1", &[("x-remove-me", "1")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    let h = &j["headers"];
+    assert_eq!(h["x-seen-method"], "GET");
+    assert_eq!(h["x-seen-authority"], "svc.example");
+    assert_eq!(h["x-seen-scheme"], "http");
+    assert_eq!(h["x-config"], "plain");
+    assert_eq!(
+        h["x-vm-config"], "{\"color\":\"red\"}",
+        "YAML values arrive as JSON"
+    );
+    assert!(h["x-remove-me"].is_null());
+    assert_eq!(h["x-eos"], "true");
+    // Response callbacks and properties.
+    assert_eq!(r.headers["x-resp"], "1");
+    assert_eq!(r.headers["x-prop-path"], "/hello?x=1");
+    assert_eq!(r.headers["x-prop-url-path"], "/hello");
+    assert_eq!(r.headers["x-prop-method"], "GET");
+    assert_eq!(r.headers["x-prop-plugin"], "h");
+    assert_eq!(r.headers["x-prop-vm"], "v1");
+    assert_eq!(r.headers["x-prop-route"], "r");
+    assert!(
+        r.headers["x-prop-source"]
+            .to_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "Envoy's source.address is IP:port"
+    );
+    assert_eq!(r.headers["x-prop-code"], "200");
+    assert_eq!(r.headers["x-prop-color"], "blue", "set_property round trip");
+    assert!(!r.headers.contains_key("server"));
+
+    // A local reply from the request headers; the filter's response callbacks run on it.
+    let r = get(addr, "svc.example", "/deny", &[]).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.body, "denied");
+    assert_eq!(r.headers["x-deny"], "yes");
+    assert_eq!(r.headers["x-resp"], "1");
+    assert_eq!(up.hits(), 1, "the denied request never went upstream");
+
+    // Filter-defined metrics and host stats on /metrics.
+    let m = admin_get(gw.admin(), "/metrics").await.body;
+    assert!(m.contains("weir_wasm_callbacks_total{plugin=\"h\"}"), "{m}");
+    assert!(m.contains("guest_http_requests"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_rewrite_by_a_filter_routes_again() {
+    let up = upstream("up", Behavior::default()).await;
+    let http = guest("http");
+    let plugins = format!("  - {{ name: h, module: \"{}\" }}\n", http.display());
+    let routes = "  - { name: old, match: { path: { prefix: /rewrite } }, direct_response: { status: 500, body: stale route } }\n  - { name: new, match: { path: { exact: /rewritten } }, backends: [ { cluster: up } ] }\n";
+    let gw = gateway(&cfg(&plugins, routes, up.addr, ", filters: [h]")).await;
+    let r = get(gw.addr("main").await, "x", "/rewrite-me", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["uri"], "/rewritten");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_and_response_bodies_are_buffered_and_replaced() {
+    let up = upstream("up", Behavior::default()).await;
+    let http = guest("http");
+    let plugins = format!(
+        "  - {{ name: h, module: \"{}\", config: \"buffer,buffer-resp\" }}\n",
+        http.display()
+    );
+    let routes = "  - { name: r, filters: [h], backends: [ { cluster: up } ] }\n";
+    let gw = gateway(&cfg(&plugins, routes, up.addr, "")).await;
+    let addr = gw.addr("main").await;
+    let req = http::Request::post(format!("http://{addr}/echo"))
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::from("hello body")))
+        .unwrap();
+    let r = send(&client(), req).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body.ends_with("-tail"),
+        "response body replaced: {}",
+        r.body
+    );
+    let j: serde_json::Value = serde_json::from_str(r.body.trim_end_matches("-tail")).unwrap();
+    assert_eq!(j["body"], "HELLO BODY!10", "request body replaced");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_route_and_per_host_configuration_overrides() {
+    let up = upstream("up", Behavior::default()).await;
+    let http = guest("http");
+    let plugins = format!(
+        "  - name: h\n    module: \"{}\"\n    config: default\n    match_rules:\n      - {{ routes: [special], config: for-route }}\n      - {{ hosts: [\"*.tenant.example\"], config: for-host }}\n",
+        http.display()
+    );
+    let routes = "  - { name: special, match: { path: { prefix: /special } }, filters: [h], backends: [ { cluster: up } ] }\n  - { name: inline, match: { path: { prefix: /inline } }, filters: [ { plugin: h, config: inline-config } ], backends: [ { cluster: up } ] }\n  - { name: plain, filters: [h], backends: [ { cluster: up } ] }\n";
+    let gw = gateway(&cfg(&plugins, routes, up.addr, "")).await;
+    let addr = gw.addr("main").await;
+    let seen = |r: Reply| r.seen_header("x-config").unwrap_or_default();
+    assert_eq!(seen(get(addr, "x", "/", &[]).await), "default");
+    assert_eq!(seen(get(addr, "x", "/special", &[]).await), "for-route");
+    assert_eq!(
+        seen(get(addr, "a.tenant.example", "/", &[]).await),
+        "for-host"
+    );
+    assert_eq!(seen(get(addr, "x", "/inline", &[]).await), "inline-config");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limiter_is_a_foreign_function() {
+    let up = upstream("up", Behavior::default()).await;
+    let http = guest("http");
+    let plugins = format!(
+        "  - {{ name: h, module: \"{}\", rate_limit: {{ requests: 2, per: 1m }} }}\n",
+        http.display()
+    );
+    let routes = "  - { name: r, filters: [h], backends: [ { cluster: up } ] }\n";
+    let gw = gateway(&cfg(&plugins, routes, up.addr, "")).await;
+    let addr = gw.addr("main").await;
+    for _ in 0..2 {
+        assert_eq!(
+            get(addr, "x", "/", &[("x-ratelimit-key", "alice")])
+                .await
+                .status,
+            200
+        );
+    }
+    let r = get(addr, "x", "/", &[("x-ratelimit-key", "alice")]).await;
+    assert_eq!(r.status, 429);
+    let after: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&after), "{after}");
+    assert_eq!(
+        get(addr, "x", "/", &[("x-ratelimit-key", "bob")])
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_policies_closed_open_reload() {
+    let up = upstream("up", Behavior::default()).await;
+    let bad = guest("bad");
+    let plugins = format!(
+        "  - {{ name: closed, module: \"{b}\", fail: closed }}\n  - {{ name: open, module: \"{b}\", vm_id: open, fail: open }}\n  - {{ name: reload, module: \"{b}\", vm_id: reload, fail: reload }}\n",
+        b = bad.display()
+    );
+    let routes = "  - { name: closed, match: { path: { prefix: /closed } }, filters: [closed], backends: [ { cluster: up } ] }\n  - { name: open, match: { path: { prefix: /open } }, filters: [open], backends: [ { cluster: up } ] }\n  - { name: reload, match: { path: { prefix: /reload } }, filters: [reload], backends: [ { cluster: up } ] }\n";
+    let gw = gateway(&cfg(&plugins, routes, up.addr, "")).await;
+    let addr = gw.addr("main").await;
+    let r = get(addr, "x", "/closed", &[("x-trap", "1")]).await;
+    assert_eq!(r.status, 503, "fail closed");
+    assert_eq!(
+        get(addr, "x", "/open", &[("x-trap", "1")]).await.status,
+        200,
+        "fail open skips the filter"
+    );
+    assert_eq!(
+        get(addr, "x", "/reload", &[("x-trap", "1")]).await.status,
+        503,
+        "fail reload answers 503"
+    );
+    assert_eq!(
+        get(addr, "x", "/reload", &[]).await.status,
+        200,
+        "and the VM is back at once"
+    );
+    // A filter that loops forever is stopped at its deadline; the gateway keeps serving.
+    assert_eq!(
+        get(addr, "x", "/closed", &[("x-loop", "1")]).await.status,
+        503
+    );
+    assert_eq!(
+        get(addr, "x", "/open", &[("x-grow", "1")]).await.status,
+        200
+    );
+    let m = admin_get(gw.admin(), "/metrics").await.body;
+    assert!(
+        m.contains("weir_wasm_traps_total{plugin=\"closed\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("weir_wasm_interruptions_total{plugin=\"closed\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_rejects_its_configuration_fails_the_config() {
+    let up = upstream("up", Behavior::default()).await;
+    let http = guest("http");
+    let good = format!(
+        "  - {{ name: h, module: \"{}\", config: ok }}\n",
+        http.display()
+    );
+    let routes = "  - { name: r, filters: [h], backends: [ { cluster: up } ] }\n";
+    let gw = gateway(&cfg(&good, routes, up.addr, "")).await;
+    let addr = gw.addr("main").await;
+    let err = gw
+        .reload(&cfg(
+            &good.replace("config: ok", "config: reject"),
+            routes,
+            up.addr,
+            "",
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(":6:") && err.to_string().contains("plugins[h]"),
+        "{err}"
+    );
+    assert_eq!(
+        get(addr, "x", "/", &[])
+            .await
+            .seen_header("x-config")
+            .as_deref(),
+        Some("ok"),
+        "the old plugin keeps serving"
+    );
+    let err = gw
+        .reload(&cfg(
+            &good.replace(&http.display().to_string(), "/nonexistent.wasm"),
+            routes,
+            up.addr,
+            "",
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot read module `/nonexistent.wasm`"),
+        "{err}"
+    );
+    let err = gw
+        .reload(&cfg(&good, &routes.replace("[h]", "[nope]"), up.addr, ""))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("unknown plugin `nope`"), "{err}");
+}
