@@ -16,6 +16,7 @@ struct Cli {
 const EXAMPLES: &str = "Examples:
   weir run configs/quickstart.yaml        serve the quickstart demo on http://127.0.0.1:8080
   weir validate configs/quickstart.yaml   check a config; errors print as FILE:LINE:COL: message
+  weir filter check my_filter.wasm        ABI, imports, and whether it runs on Weir and on Envoy
   curl -X POST http://127.0.0.1:9901/reload   reload the config (also on file change or SIGHUP)";
 
 #[derive(Subcommand)]
@@ -29,6 +30,22 @@ enum Command {
     Validate {
         /// The YAML config file.
         config: PathBuf,
+    },
+    /// Work with proxy-wasm filter modules.
+    Filter {
+        #[command(subcommand)]
+        command: FilterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum FilterCommand {
+    /// Report a module's ABI version, imports and exports, whether Weir runs it and whether it
+    /// is portable to Envoy. Exit 0: runs on Weir and Envoy; 2: runs on Weir only; 1: Weir
+    /// cannot run it.
+    Check {
+        /// The `.wasm` file.
+        module: PathBuf,
     },
 }
 
@@ -45,6 +62,33 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Filter {
+            command: FilterCommand::Check { module },
+        } => {
+            let bytes = match std::fs::read(&module) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("{}: {e}", module.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            match weir_wasm_host::check_module(&bytes) {
+                Ok(report) => {
+                    println!("{}: {report}", module.display());
+                    if !report.runs_on_weir {
+                        ExitCode::FAILURE
+                    } else if report.portable_to_envoy {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(2)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", module.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config } => {
             tracing_subscriber::fmt()
                 .with_env_filter(

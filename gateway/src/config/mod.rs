@@ -61,9 +61,20 @@ impl ConfigErrors {
 
 /// Parse YAML text into the schema and into JSON (for `/config_dump` and fingerprints).
 pub fn parse(text: &str, file: &str) -> Result<(schema::Config, serde_json::Value), ConfigErrors> {
-    let cfg: schema::Config = serde_saphyr::from_str(text).map_err(|e| yaml_error(&e, file))?;
-    let json: serde_json::Value = serde_saphyr::from_str(text).map_err(|e| yaml_error(&e, file))?;
+    let cfg: schema::Config = serde_saphyr::from_str_with_options(text, yaml_options())
+        .map_err(|e| yaml_error(&e, file))?;
+    let json: serde_json::Value = serde_saphyr::from_str_with_options(text, yaml_options())
+        .map_err(|e| yaml_error(&e, file))?;
     Ok((cfg, json))
+}
+
+/// YAML 1.2 core booleans only (`true`/`false`): a plugin called `n` or a value `no` stays a
+/// string, as Kubernetes users expect; messages without source snippets (one line each).
+fn yaml_options() -> serde_saphyr::Options {
+    let mut o = serde_saphyr::Options::default();
+    o.strict_booleans = true;
+    o.with_snippet = false;
+    o
 }
 
 fn yaml_error(e: &serde_saphyr::Error, file: &str) -> ConfigErrors {

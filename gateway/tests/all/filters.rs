@@ -258,3 +258,51 @@ async fn a_plugin_that_rejects_its_configuration_fails_the_config() {
         .unwrap_err();
     assert!(err.to_string().contains("unknown plugin `nope`"), "{err}");
 }
+
+#[test]
+fn filter_check_reports_abi_and_portability() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["filter", "check"])
+        .arg(guest("http"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("0.2.1"), "{text}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a proxy-wasm Rust SDK filter runs on Weir and Envoy: {text}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not wasm").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["filter", "check"])
+        .arg(&junk)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builtin_filters_are_embedded() {
+    let up = upstream("up", Behavior::default()).await;
+    let plugins = "  - { name: n, module: \"builtin:noop\" }\n";
+    let routes = "  - { name: r, filters: [n], backends: [ { cluster: up } ] }\n";
+    let gw = gateway(&cfg(plugins, routes, up.addr, "")).await;
+    assert_eq!(get(gw.addr("main").await, "x", "/", &[]).await.status, 200);
+    let err = gw
+        .reload(&cfg(
+            &plugins.replace("builtin:noop", "builtin:nope"),
+            routes,
+            up.addr,
+            "",
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("unknown built-in filter `nope`: built-in filters are noop"),
+        "{err}"
+    );
+}
