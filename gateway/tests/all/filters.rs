@@ -306,3 +306,73 @@ async fn builtin_filters_are_embedded() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_updates_under_load_fail_no_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let up = upstream("up", Behavior::default()).await;
+    let http = guest("http");
+    let bad = guest("bad");
+    let make = |n: usize| {
+        // Alternate the module too: a changed module takes effect for new requests.
+        let module = if n % 2 == 0 { &http } else { &bad };
+        // A generous deadline: this test is about updates, and debug builds on a busy CI machine
+        // are slow.
+        let plugins = format!(
+            "  - {{ name: p, module: \"{}\", config: \"v{n}\", limits: {{ cpu_deadline: 5s }} }}\n",
+            module.display()
+        );
+        cfg(
+            &plugins,
+            "  - { name: r, filters: [p], backends: [ { cluster: up } ] }\n",
+            up.addr,
+            "",
+        )
+    };
+    let gw = gateway(&make(0)).await;
+    let addr = gw.addr("main").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let stop = stop.clone();
+        clients.push(tokio::spawn(async move {
+            let c = client();
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let r = send(
+                    &c,
+                    http::Request::get(format!("http://{addr}/"))
+                        .header("host", "x")
+                        .body(Default::default())
+                        .unwrap(),
+                )
+                .await;
+                if r.status == 200 {
+                    ok += 1
+                } else {
+                    failed.push(r.status)
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    for n in 1..=10 {
+        gw.reload(&make(n)).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for c in clients {
+        let (ok, failed) = c.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "failed requests during plugin updates: {failed:?}"
+        );
+        total += ok;
+    }
+    assert!(total > 10);
+    // The last config is in force.
+    let r = get(addr, "x", "/", &[]).await;
+    assert_eq!(r.seen_header("x-config").as_deref(), Some("v10"));
+}
