@@ -238,6 +238,8 @@ async fn handle_connection(
     static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let mut conn = ConnInfo {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        client_ip_value: http::HeaderValue::from_str(&remote.ip().to_string())
+            .expect("an IP is a valid header value"),
         remote,
         local,
         listener: spec.name.clone(),

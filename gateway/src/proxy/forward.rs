@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
@@ -79,40 +80,40 @@ pub async fn forward(
     let (mut parts, body) = req.into_parts();
 
     // Rewrites and header edits.
-    let original_authority = match parts.uri.authority() {
-        Some(a) => a.as_str().to_string(),
-        None => parts
+    // The authority upstream (`Host`, or `:authority` for HTTP/2) and the path, without copies
+    // when nothing is rewritten.
+    let host: HeaderValue = match (&route.rewrite.host, parts.uri.authority()) {
+        (Some(h), _) => h.clone(),
+        (None, Some(a)) => {
+            HeaderValue::from_str(a.as_str()).unwrap_or(HeaderValue::from_static(""))
+        }
+        (None, None) => parts
             .headers
             .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("")
-            .to_string(),
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("")),
     };
-    let authority = match &route.rewrite.host {
-        Some(h) => h.to_str().unwrap_or(&original_authority).to_string(),
-        None => original_authority,
-    };
-    let path = parts.uri.path();
-    let path_and_query = if route.rewrite.rewrites_path() {
-        let new = route.rewrite.path(path);
-        if let Ok(orig) =
-            HeaderValue::from_str(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
-        {
+    let path_and_query: PathAndQuery = if route.rewrite.rewrites_path() {
+        let original = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        if let Ok(orig) = HeaderValue::from_str(original) {
             parts.headers.insert(
                 header::HeaderName::from_static("x-envoy-original-path"),
                 orig,
             );
         }
-        match parts.uri.query() {
+        let new = route.rewrite.path(parts.uri.path());
+        let rewritten = match parts.uri.query() {
             Some(q) => format!("{new}?{q}"),
             None => new.into_owned(),
-        }
+        };
+        PathAndQuery::try_from(rewritten)
+            .map_err(|_| ProxyError::BadRequest("rewritten path is invalid"))?
     } else {
         parts
             .uri
             .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))
     };
     let upgrade_headers = if upgrade {
         (
@@ -176,15 +177,24 @@ pub async fn forward(
         };
         let mut builder = Request::builder().method(parts.method.clone());
         let h2 = cluster.h2.is_some();
-        let scheme = if spec.tls.is_some() { "https" } else { "http" };
-        let uri = if h2 {
-            format!("{scheme}://{authority}{path_and_query}")
+        let mut uri = http::uri::Parts::default();
+        if h2 {
+            uri.scheme = Some(if spec.tls.is_some() {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            });
+            uri.authority = Some(
+                Authority::try_from(host.as_bytes())
+                    .map_err(|_| ProxyError::BadRequest("invalid authority"))?,
+            );
         } else {
-            format!("http://{}{path_and_query}", ep.authority)
-        };
-        let uri: Uri = uri
-            .parse()
-            .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = Some(ep.authority.clone());
+        }
+        uri.path_and_query = Some(path_and_query.clone());
+        let uri =
+            Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
         builder = builder.uri(uri).version(if h2 {
             Version::HTTP_2
         } else {
@@ -202,8 +212,10 @@ pub async fn forward(
         };
         if h2 {
             upstream_req.headers_mut().remove(header::HOST);
-        } else if let Ok(host) = HeaderValue::from_str(&authority) {
-            upstream_req.headers_mut().insert(header::HOST, host);
+        } else {
+            upstream_req
+                .headers_mut()
+                .insert(header::HOST, host.clone());
         }
 
         let started = Instant::now();

@@ -28,6 +28,8 @@ pub struct ConnInfo {
     pub id: u64,
     /// Client address (from PROXY protocol when enabled).
     pub remote: SocketAddr,
+    /// The client IP as a header value (for `x-forwarded-for`), made once per connection.
+    pub client_ip_value: HeaderValue,
     /// Listener address the client connected to.
     pub local: SocketAddr,
     /// Listener name.
@@ -208,11 +210,17 @@ pub async fn serve(
         headers.insert(X_REQUEST_ID.clone(), new_request_id());
     }
     let client_ip = conn.remote.ip();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {client_ip}")),
-        None => HeaderValue::from_str(&client_ip.to_string()),
+    let xff = match headers.get(&X_FORWARDED_FOR) {
+        Some(prev) => {
+            let mut v = bytes::BytesMut::with_capacity(prev.len() + 2 + conn.client_ip_value.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(conn.client_ip_value.as_bytes());
+            HeaderValue::from_maybe_shared(v.freeze()).ok()
+        }
+        None => Some(conn.client_ip_value.clone()),
     };
-    if let Ok(xff) = xff {
+    if let Some(xff) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), xff);
     }
     headers.insert(

@@ -316,7 +316,7 @@ async fn plugin_updates_under_load_fail_no_request() {
     let bad = guest("bad");
     let make = |n: usize| {
         // Alternate the module too: a changed module takes effect for new requests.
-        let module = if n % 2 == 0 { &http } else { &bad };
+        let module = if n.is_multiple_of(2) { &http } else { &bad };
         // A generous deadline: this test is about updates, and debug builds on a busy CI machine
         // are slow.
         let plugins = format!(
