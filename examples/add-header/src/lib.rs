@@ -36,7 +36,9 @@ impl RootContext for AddHeaderRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(AddHeader { value: self.value.clone() }))
+        Some(Box::new(AddHeader {
+            value: self.value.clone(),
+        }))
     }
 }
 

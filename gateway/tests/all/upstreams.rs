@@ -321,8 +321,9 @@ clusters:
     assert_eq!(counts.get("well"), Some(&20), "{counts:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn circuit_breaker_answers_503_uo() {
+/// A gateway in front of an upstream that answers after 500 ms, with `circuit_breakers`;
+/// returns it with the statuses of `n` concurrent requests, sorted.
+async fn behind_circuit_breaker(circuit_breakers: &str, n: usize) -> (TestGateway, Vec<u16>) {
     let slow = upstream(
         "slow",
         Behavior {
@@ -333,29 +334,26 @@ async fn circuit_breaker_answers_503_uo() {
     )
     .await;
     let cfg = format!(
-        "{}routes:
-  - {{ name: r, backends: [ {{ cluster: c }} ] }}
-clusters:
-  - name: c
-    endpoints: [ {{ address: \"{}\" }} ]
-    circuit_breakers: {{ max_requests: 2 }}
-",
+        "{}routes:\n  - {{ name: r, backends: [ {{ cluster: c }} ] }}\nclusters:\n  - name: c\n    endpoints: [ {{ address: \"{}\" }} ]\n    circuit_breakers: {circuit_breakers}\n",
         base(),
         slow.addr
     );
     let gw = gateway(&cfg).await;
     let addr = gw.addr("main").await;
-    let mut tasks = Vec::new();
-    for _ in 0..6 {
-        tasks.push(tokio::spawn(async move {
-            get(addr, "x", "/", &[]).await.status
-        }));
-    }
+    let tasks: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(async move { get(addr, "x", "/", &[]).await.status }))
+        .collect();
     let mut codes = Vec::new();
     for t in tasks {
         codes.push(t.await.unwrap());
     }
     codes.sort();
+    (gw, codes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breaker_answers_503_uo() {
+    let (gw, codes) = behind_circuit_breaker("{ max_requests: 2 }", 6).await;
     assert_eq!(codes.iter().filter(|&&c| c == 200).count(), 2, "{codes:?}");
     assert_eq!(codes.iter().filter(|&&c| c == 503).count(), 4, "{codes:?}");
     let m = admin_get(gw.admin(), "/metrics").await.body;
@@ -428,38 +426,7 @@ async fn rate_limit_answers_429_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_limit_to_a_cluster_answers_503_uo() {
-    let slow = upstream(
-        "slow",
-        Behavior {
-            slow_first: 1000,
-            delay: Duration::from_millis(500),
-            ..Default::default()
-        },
-    )
-    .await;
-    let cfg = format!(
-        "{}routes:
-  - {{ name: r, backends: [ {{ cluster: c }} ] }}
-clusters:
-  - name: c
-    endpoints: [ {{ address: \"{}\" }} ]
-    circuit_breakers: {{ max_connections: 1 }}
-",
-        base(),
-        slow.addr
-    );
-    let gw = gateway(&cfg).await;
-    let addr = gw.addr("main").await;
-    let mut tasks = Vec::new();
-    for _ in 0..3 {
-        tasks.push(tokio::spawn(async move {
-            get(addr, "x", "/", &[]).await.status
-        }));
-    }
-    let mut codes = Vec::new();
-    for t in tasks {
-        codes.push(t.await.unwrap());
-    }
+    let (gw, codes) = behind_circuit_breaker("{ max_connections: 1 }", 3).await;
     assert!(codes.contains(&200), "{codes:?}");
     assert!(
         codes.contains(&503),
