@@ -376,3 +376,50 @@ async fn plugin_updates_under_load_fail_no_request() {
     let r = get(addr, "x", "/", &[]).await;
     assert_eq!(r.seen_header("x-config").as_deref(), Some("v10"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_callouts_go_to_configured_clusters() {
+    let up = upstream("up", Behavior::default()).await;
+    let allow = upstream("auth-ok", Behavior::default()).await;
+    let deny = upstream(
+        "auth-no",
+        Behavior {
+            status: Some(401),
+            ..Default::default()
+        },
+    )
+    .await;
+    let callout = guest("callout");
+    let config = |auth: std::net::SocketAddr| {
+        format!(
+            "admin: {{ address: 127.0.0.1:0 }}\nserver: {{ watch: false }}\nlisteners:\n  - {{ name: main, address: 127.0.0.1:0 }}\nplugins:\n  - {{ name: c, module: \"{}\" }}\nroutes:\n  - {{ name: r, filters: [c], backends: [ {{ cluster: up }} ] }}\nclusters:\n  - {{ name: up, endpoints: [ {{ address: \"{}\" }} ] }}\n  - {{ name: auth, endpoints: [ {{ address: \"{auth}\" }} ] }}\n",
+            callout.display(),
+            up.addr
+        )
+    };
+    let gw = gateway(&config(allow.addr)).await;
+    let addr = gw.addr("main").await;
+    let r = get(addr, "x", "/anything", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let auth: serde_json::Value = serde_json::from_str(&r.seen_header("x-auth").unwrap()).unwrap();
+    assert_eq!(
+        auth["uri"], "/check",
+        "the callout reached the auth cluster"
+    );
+    assert_eq!(auth["headers"]["host"], "auth");
+    assert_eq!(allow.hits(), 1);
+    // A cluster that is not configured answers BAD_ARGUMENT to the filter at call time.
+    let r = get(addr, "x", "/bad-cluster", &[]).await;
+    assert_eq!(
+        r.seen_header("x-bad-cluster").as_deref(),
+        Some("bad-argument")
+    );
+    // The auth service says no: the filter answers 403 itself.
+    gw.reload(&config(deny.addr)).await.unwrap();
+    assert_eq!(get(addr, "x", "/anything", &[]).await.status, 403);
+    assert_eq!(
+        up.hits(),
+        2,
+        "the denied request did not reach the upstream"
+    );
+}
