@@ -816,12 +816,21 @@ pub fn check(
             std::path::PathBuf::from(path_of(d))
         });
     let mut plugin_errors = Vec::new();
+    let module_ca = cfg
+        .server
+        .module_ca
+        .as_ref()
+        .map(|p| std::path::PathBuf::from(path_of(p)));
+    let sources = crate::filter::module::Sources {
+        base_dir,
+        cache_dir: &cache_dir,
+        ca_file: module_ca.as_deref(),
+    };
     let plugins = check_plugins(
         &cfg.plugins,
         &json,
         &route_names,
-        base_dir,
-        &cache_dir,
+        &sources,
         &mut plugin_errors,
     );
     let mut listener_filters = Vec::new();

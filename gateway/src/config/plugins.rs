@@ -1,7 +1,6 @@
 //! Checking and building the `plugins:` section and the filter chains of listeners and routes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -39,8 +38,7 @@ pub fn check_plugins(
     plugins: &[schema::Plugin],
     json: &serde_json::Value,
     route_names: &HashSet<String>,
-    base_dir: &Path,
-    cache_dir: &Path,
+    sources: &module::Sources<'_>,
     errors: &mut Vec<(Location, String)>,
 ) -> Vec<PendingPlugin> {
     let mut out = Vec::new();
@@ -69,8 +67,7 @@ pub fn check_plugins(
         let module = match module::load(
             &p.module.value,
             p.sha256.as_ref().map(|s| s.value.as_str()),
-            base_dir,
-            cache_dir,
+            sources,
         ) {
             Ok(m) => m,
             Err(e) => {

@@ -96,6 +96,9 @@ pub struct Server {
     /// Directory of the on-disk cache of compiled wasm modules and downloaded modules.
     /// Default: `$XDG_CACHE_HOME/weir` or `$HOME/.cache/weir`.
     pub cache_dir: Option<String>,
+    /// PEM file of the CA certificates trusted when downloading `https://` plugin modules.
+    /// Default: the system bundle `/etc/ssl/certs/ca-certificates.crt`.
+    pub module_ca: Option<String>,
 }
 
 /// The admin listener.

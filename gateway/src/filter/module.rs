@@ -23,13 +23,19 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// Load a module. `base_dir` resolves relative paths; `cache_dir` keeps downloads.
-pub fn load(
-    source: &str,
-    sha256: Option<&str>,
-    base_dir: &Path,
-    cache_dir: &Path,
-) -> Result<Arc<[u8]>, String> {
+/// Where modules are looked for and kept.
+pub struct Sources<'a> {
+    /// Relative module paths resolve against this folder (the config file's).
+    pub base_dir: &'a Path,
+    /// Downloaded modules are kept under `<cache_dir>/modules`.
+    pub cache_dir: &'a Path,
+    /// PEM file of the CAs trusted for `https://` modules; `None`: the system bundle.
+    pub ca_file: Option<&'a Path>,
+}
+
+/// Load a module from `source` (a path, `builtin:NAME` or `https://...`), checking `sha256`.
+pub fn load(source: &str, sha256: Option<&str>, from: &Sources<'_>) -> Result<Arc<[u8]>, String> {
+    let (base_dir, cache_dir) = (from.base_dir, from.cache_dir);
     let want = sha256.map(|s| s.trim().to_ascii_lowercase());
     if let Some(w) = &want
         && (w.len() != 64 || !w.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -59,7 +65,7 @@ pub fn load(
         match std::fs::read(&cached) {
             Ok(b) if sha256_hex(&b) == *w => b,
             _ => {
-                let b = download(source)?;
+                let b = download(source, from.ca_file)?;
                 let got = sha256_hex(&b);
                 if got != *w {
                     return Err(format!(
@@ -109,10 +115,10 @@ pub fn default_cache_dir() -> PathBuf {
     std::env::temp_dir().join("weir-cache")
 }
 
-/// Download a module over HTTPS (system CA roots from `/etc/ssl/certs`, or the PEM file named
-/// by `WEIR_MODULE_CA`), 10 s timeout, 64 MiB cap. Runs its own small runtime: config checks
-/// happen off the request path, on a blocking thread.
-fn download(url: &str) -> Result<Vec<u8>, String> {
+/// Download a module over HTTPS (the system's CA bundle, or `ca_file`), 10 s timeout, 64 MiB
+/// cap. Runs its own small runtime: config checks happen off the request path, on a blocking
+/// thread.
+fn download(url: &str, ca_file: Option<&Path>) -> Result<Vec<u8>, String> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("invalid module URL `{url}`: {e}"))?;
@@ -121,8 +127,10 @@ fn download(url: &str) -> Result<Vec<u8>, String> {
         .ok_or_else(|| format!("module URL `{url}` has no host"))?
         .to_string();
     let port = uri.port_u16().unwrap_or(443);
-    let ca_file = std::env::var("WEIR_MODULE_CA")
-        .unwrap_or_else(|_| "/etc/ssl/certs/ca-certificates.crt".into());
+    let ca_file = ca_file.map_or_else(
+        || "/etc/ssl/certs/ca-certificates.crt".to_string(),
+        |p| p.display().to_string(),
+    );
     let mut roots = rustls::RootCertStore::empty();
     for cert in crate::tls::load_certs(&ca_file)? {
         let _ = roots.add(cert);
@@ -165,13 +173,21 @@ fn download(url: &str) -> Result<Vec<u8>, String> {
             .map_err(|e| format!("GET {url}: {e}"))?;
         Ok(body.to_bytes().to_vec())
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        tokio::time::timeout(std::time::Duration::from_secs(10), run)
-            .await
-            .map_err(|_| format!("GET {url}: timed out"))?
+    // On a thread of its own, so that this works whether or not the caller is inside a runtime.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                rt.block_on(async {
+                    tokio::time::timeout(std::time::Duration::from_secs(10), run)
+                        .await
+                        .map_err(|_| format!("GET {url}: timed out"))?
+                })
+            })
+            .join()
+            .map_err(|_| format!("GET {url}: the download thread panicked"))?
     })
 }

@@ -423,3 +423,92 @@ async fn http_callouts_go_to_configured_clusters() {
         "the denied request did not reach the upstream"
     );
 }
+
+/// A one-file HTTPS server on 127.0.0.1 (certificate for `localhost`); returns its port and
+/// the certificate PEM.
+async fn https_file_server(dir: &std::path::Path, body: Vec<u8>) -> (u16, String) {
+    use rustls_pki_types::pem::PemObject;
+    let (cert, key, pem) = cert_files(dir, "files", &["localhost"]);
+    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&key).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let body = bytes::Bytes::from(body);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let body = body.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |_req| {
+                    let body = body.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(body),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (port, pem)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_modules_are_pinned_by_sha256_and_cached() {
+    let up = upstream("up", Behavior::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = std::fs::read(guest("http")).unwrap();
+    let sha = weir::filter::module::sha256_hex(&wasm);
+    let (port, pem) = https_file_server(dir.path(), wasm).await;
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let cache = dir.path().join("cache");
+    let config = |sha: &str| {
+        format!(
+            "admin: {{ address: 127.0.0.1:0 }}\nserver: {{ watch: false, cache_dir: \"{}\", module_ca: \"{}\" }}\nlisteners:\n  - {{ name: main, address: 127.0.0.1:0 }}\nplugins:\n  - {{ name: h, module: \"https://localhost:{port}/filters/http.wasm\", sha256: \"{sha}\", config: remote }}\nroutes:\n  - {{ name: r, filters: [h], backends: [ {{ cluster: up }} ] }}\nclusters:\n  - {{ name: up, endpoints: [ {{ address: \"{}\" }} ] }}\n",
+            cache.display(),
+            ca.display(),
+            up.addr
+        )
+    };
+    let gw = gateway(&config(&sha)).await;
+    let r = get(gw.addr("main").await, "x", "/", &[]).await;
+    assert_eq!(r.seen_header("x-config").as_deref(), Some("remote"));
+    assert!(
+        cache.join("modules").join(format!("{sha}.wasm")).exists(),
+        "the download is cached"
+    );
+    let wrong = "0".repeat(64);
+    let err = gw.reload(&config(&wrong)).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("has sha256 {sha}, expected {wrong}")),
+        "{err}"
+    );
+    let err = gw
+        .reload(&config(&sha).replace(&format!(", sha256: \"{sha}\""), ""))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("needs `sha256`"), "{err}");
+}
