@@ -512,3 +512,26 @@ async fn https_modules_are_pinned_by_sha256_and_cached() {
         .unwrap_err();
     assert!(err.to_string().contains("needs `sha256`"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_with_one_vm_id_share_data() {
+    let up = upstream("up", Behavior::default()).await;
+    let m = guest("http");
+    let plugins = format!(
+        "  - {{ name: a, module: \"{m}\", vm_id: shared }}\n  - {{ name: b, module: \"{m}\", vm_id: shared, config: b }}\n  - {{ name: c, module: \"{m}\", vm_id: own }}\n",
+        m = m.display()
+    );
+    let routes = "  - { name: ra, match: { path: { prefix: /a } }, filters: [a], backends: [ { cluster: up } ] }\n  - { name: rb, match: { path: { prefix: /b } }, filters: [b], backends: [ { cluster: up } ] }\n  - { name: rc, filters: [c], backends: [ { cluster: up } ] }\n";
+    let gw = gateway(&cfg(&plugins, routes, up.addr, "")).await;
+    let addr = gw.addr("main").await;
+    let hits = |r: Reply| r.seen_header("x-hits").unwrap().parse::<u64>().unwrap();
+    let a1 = hits(get(addr, "x", "/a", &[]).await);
+    let b1 = hits(get(addr, "x", "/b", &[]).await);
+    assert_eq!(
+        b1,
+        a1 + 1,
+        "a and b share the vm_id `shared` and its shared data"
+    );
+    let c1 = hits(get(addr, "x", "/c", &[]).await);
+    assert_eq!(c1, 1, "another vm_id has its own shared data");
+}
