@@ -45,7 +45,7 @@ pub enum Command {
     Routes,
     /// Weighted canary (90/10 between two upstream listeners), with the split observed.
     Canary,
-    /// Weir with 0, 1 and 3 wasm filters (needs the filters built: `cargo wasm`).
+    /// Weir with 0, 1 and 3 wasm filters (built-in ones; a variant not shipped yet is skipped).
     Wasm,
     /// A reload every 100 ms under load, failed requests counted.
     Reload,

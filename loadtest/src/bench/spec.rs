@@ -56,15 +56,15 @@ pub struct ProxySpec {
     pub wasm_filters: Vec<WasmFilter>,
 }
 
-/// A wasm filter module with its configuration, for Weir.
+/// A proxy-wasm filter for Weir: a plugin and its place in the route's chain.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WasmFilter {
-    /// Name of the filter.
+    /// Plugin name.
     pub name: String,
-    /// Path of the `.wasm` module.
-    pub module: PathBuf,
-    /// Plugin configuration passed to the filter (JSON text).
-    pub config: String,
+    /// The module as Weir names it: `builtin:NAME` or a `.wasm` path.
+    pub module: String,
+    /// Plugin configuration (JSON text), if any.
+    pub config: Option<String>,
 }
 
 impl ProxySpec {

@@ -50,16 +50,18 @@ pub fn config(spec: &ProxySpec) -> String {
             backends.join(", ")
         );
         if !spec.wasm_filters.is_empty() {
-            c.push_str("    filters:\n");
-            for f in &spec.wasm_filters {
-                let _ = writeln!(
-                    c,
-                    "      - name: {}\n        module: \"{}\"\n        config: {}",
-                    f.name,
-                    f.module.display(),
-                    f.config
-                );
+            let names: Vec<&str> = spec.wasm_filters.iter().map(|f| f.name.as_str()).collect();
+            let _ = writeln!(c, "    filters: [ {} ]", names.join(", "));
+        }
+    }
+    if !spec.wasm_filters.is_empty() {
+        c.push_str("plugins:\n");
+        for f in &spec.wasm_filters {
+            let _ = write!(c, "  - {{ name: {}, module: \"{}\"", f.name, f.module);
+            if let Some(config) = &f.config {
+                let _ = write!(c, ", config: {config}");
             }
+            c.push_str(" }\n");
         }
     }
     c.push_str("clusters:\n");
@@ -93,6 +95,32 @@ mod tests {
              routes:\n  - name: r0\n    hosts: [\"*\"]\n    match: { path: { prefix: \"/\" } }\n    backends: [ { cluster: up0, weight: 1 } ]\n\
              clusters:\n  - name: up0\n    endpoints: [ { address: \"127.0.0.1:5678\" } ]\n    idle_timeout: 120s\n    max_idle_per_endpoint: 128\n"
         );
+    }
+
+    #[test]
+    fn filters_become_plugins_and_a_chain() {
+        use crate::bench::spec::WasmFilter;
+        let mut s = ProxySpec::simple(addr(8080), addr(9901), addr(5678), 2);
+        s.wasm_filters = vec![
+            WasmFilter {
+                name: "noop".into(),
+                module: "builtin:noop".into(),
+                config: None,
+            },
+            WasmFilter {
+                name: "rl".into(),
+                module: "/f/rl.wasm".into(),
+                config: Some("{\"rps\": 10}".into()),
+            },
+        ];
+        let c = config(&s);
+        assert!(
+            c.contains(
+                "    backends: [ { cluster: up0, weight: 1 } ]\n    filters: [ noop, rl ]\n"
+            ),
+            "{c}"
+        );
+        assert!(c.contains("plugins:\n  - { name: noop, module: \"builtin:noop\" }\n  - { name: rl, module: \"/f/rl.wasm\", config: {\"rps\": 10} }\n"), "{c}");
     }
 
     #[test]
