@@ -119,7 +119,10 @@ impl Section {
     /// The section as a Markdown table, with Weir's ratio to every contender when Weir ran.
     pub fn markdown(&self) -> String {
         let mut out = format!("### {}\n\n{}\n\n", self.title, self.load);
-        let weir = self.row("weir");
+        // The reference is Weir, or the first Weir variant (`weir, 0 filters` in the wasm table).
+        let weir = self
+            .row("weir")
+            .or_else(|| self.rows.iter().find(|r| r.contender.starts_with("weir")));
         let ratio = |a: f64, b: f64| {
             if a > 0.0 && b > 0.0 {
                 format!("{:.2}x", a / b)
@@ -345,6 +348,24 @@ mod tests {
         );
         assert!(md.contains("| weir | 120 |") && md.contains("| 1.00x | 1.00x |"));
         assert!(s.chart().contains("<polyline"));
+    }
+
+    #[test]
+    fn the_first_weir_variant_is_the_reference_without_plain_weir() {
+        let s = Section::from_runs(
+            "x",
+            "y",
+            vec![
+                run("weir, 0 filters", 100.0, 1.0),
+                run("weir, 1 filter", 80.0, 2.0),
+            ],
+        );
+        assert!(s.markdown().contains("| weir, 1 filter | 80 | 80 |"));
+        assert!(
+            s.markdown().contains("| 1.25x | 0.50x |"),
+            "{}",
+            s.markdown()
+        );
     }
 
     #[test]
