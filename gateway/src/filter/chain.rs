@@ -369,14 +369,15 @@ async fn run_part(
 ) -> Result<Vec<Frame<Bytes>>, BoxError> {
     let mut guard = streams.lock().await;
     let n = guard.len();
-    let order: Vec<usize> = match direction {
-        Direction::Request => (0..n).collect(),
-        Direction::Response => (0..n).rev().collect(),
-    };
     let request = direction == Direction::Request;
+    // Chain order for the request, reverse order for the response.
+    let order = (0..n).map(|k| if request { k } else { n - 1 - k });
     match part {
         Part::Data(data, eos) => {
-            let mut buf = BytesMut::from(&data[..]);
+            // No copy when this is the only reference to the chunk.
+            let mut buf = data
+                .try_into_mut()
+                .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
             for i in order {
                 let decision = if request {
                     guard[i].on_request_body(&mut buf, eos).await
