@@ -118,6 +118,13 @@ async fn grpc_bidi_streaming_keeps_trailers() {
     // Each message comes back before the next is sent: the proxy streams, it does not buffer.
     for (i, msg) in [&b"one"[..], b"two", b"three"].iter().enumerate() {
         if i > 0 {
+            // A reload between messages does not cut the stream.
+            gw.reload(&cfg.replace(
+                "timeout: 0s",
+                &format!("timeout: 0s, response_headers: {{ set: {{ x-v: \"{i}\" }} }}"),
+            ))
+            .await
+            .unwrap();
             tx.send(Ok(Frame::data(grpc_message(msg)))).await.unwrap();
         }
         let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
