@@ -567,4 +567,47 @@ mod tests {
             "100%\n"
         );
     }
+
+    #[test]
+    fn a_stalled_writer_drops_and_counts_lines_without_blocking() {
+        // A FIFO whose reader never reads: the writer thread blocks once the pipe is full, the
+        // queue fills, and `log` must drop and count instead of waiting.
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("log.fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let reader_path = fifo.clone();
+        let reader = std::thread::spawn(move || std::fs::File::open(reader_path).unwrap());
+        let registry = Arc::new(Registry::default());
+        let log = AccessLog::start(
+            Format::text("%REQ(:PATH)% %RESPONSE_CODE%").unwrap(),
+            fifo.to_str().unwrap(),
+            16,
+            registry.clone(),
+        )
+        .unwrap();
+        let _held_open = reader.join().unwrap();
+        let h = HeaderMap::new();
+        let rh = HeaderMap::new();
+        let path = "/".repeat(1000);
+        let mut e = entry(&h, &rh);
+        e.path = &path;
+        for _ in 0..2000 {
+            log.log(&e);
+        }
+        let dropped = registry
+            .global
+            .access_log_dropped
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            dropped > 0,
+            "2 MB into a 64 KiB pipe and a 16-line queue must drop"
+        );
+        assert!(dropped < 2000, "some lines were written");
+    }
 }
