@@ -435,3 +435,39 @@ async fn connection_limit_to_a_cluster_answers_503_uo() {
     let clusters = admin_get(gw.admin(), "/clusters").await.json();
     assert!(clusters["clusters"][0]["connections"].as_u64().unwrap() <= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_before_the_response_is_retried_with_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that closes its first connection after reading the request, then answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                if n > 0 {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    let cfg = format!(
+        "{}routes:\n  - name: r\n    backends: [ {{ cluster: c }} ]\n    retries: {{ attempts: 1, on: [reset], backoff_base: 1ms }}\nclusters:\n  - {{ name: c, endpoints: [ {{ address: \"{addr}\" }} ] }}\n",
+        base()
+    );
+    let gw = gateway(&cfg).await;
+    let r = get(gw.addr("main").await, "x", "/", &[]).await;
+    assert_eq!(r.status, 200, "the reset attempt was retried: {}", r.body);
+    assert_eq!(r.body, "ok");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
