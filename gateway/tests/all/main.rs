@@ -1,6 +1,8 @@
 //! Black-box tests: the gateway on real sockets (127.0.0.1, port 0) in front of real upstream
 //! servers. One test binary made of modules keeps link time down.
 
+mod builtin_jwt;
+mod builtin_policy;
 mod config;
 mod filters;
 mod hardening;
@@ -9,4 +11,5 @@ mod protocols;
 mod routing;
 mod streams;
 mod support;
+mod tcp;
 mod upstreams;

@@ -4,6 +4,8 @@ mod abi;
 mod callouts;
 mod check;
 mod containment;
+mod grpc_streams;
 mod http;
 mod sharing;
 mod support;
+mod tcp;

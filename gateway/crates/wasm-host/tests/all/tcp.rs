@@ -1,0 +1,1 @@
+//! Network (TCP) filters: the connection callbacks and the downstream/upstream data buffers.

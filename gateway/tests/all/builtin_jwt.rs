@@ -1,0 +1,1 @@
+//! The built-in `jwt-authn` filter through the gateway.

@@ -1,0 +1,1 @@
+//! The built-in `ratelimit` and `stats` filters through the gateway.

@@ -1,0 +1,1 @@
+//! TCP listeners: proxying to a cluster and proxy-wasm network filters.
