@@ -8,6 +8,9 @@
 //!   thread by default), each behind a mutex held only during a synchronous guest call.
 //! - [`HttpStream`]: one request through one plugin; the gateway drives its async callbacks in
 //!   order and acts on each [`Decision`].
+//! - [`NetworkStream`]: one TCP connection through one plugin (a network filter); data
+//!   callbacks answer a [`NetworkDecision`], and [`NetworkStream::resumed`] reports what
+//!   happens while the filter is paused.
 //! - [`HostEnv`]: what the gateway provides (HTTP callouts, foreign functions, logs).
 //!
 //! See the crate's README for how the gateway drives a stream.
@@ -20,6 +23,7 @@ mod headers;
 mod host_env;
 mod memory;
 mod metrics;
+mod network;
 mod plugin;
 mod properties;
 mod shared;
@@ -40,6 +44,7 @@ pub use metrics::{
     Histogram, HistogramSnapshot, MetricSample, MetricValue, PluginStats, StatsSnapshot,
     filter_metrics, prometheus_name, render_filter_metrics, render_plugin_stats,
 };
+pub use network::{Direction, NetworkDecision, NetworkEvent, NetworkStream, PeerType};
 pub use plugin::{Engine, Plugin};
 pub use stream::{
     Decision, HttpStream, LocalReply, RequestHead, ResponseHead, StreamInfo, TlsInfo,
@@ -54,6 +59,7 @@ mod tests {
         fn send<T: Send>() {}
         fn sync<T: Sync>() {}
         send::<super::HttpStream>();
+        send::<super::NetworkStream>();
         send::<super::Plugin>();
         sync::<super::Plugin>();
         send::<super::Engine>();

@@ -93,7 +93,8 @@ pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
             "listener_direction" => Some(int(1)),
             _ => None,
         },
-        "request" => stream.and_then(|s| {
+        // A network stream has no request or response.
+        "request" => stream.filter(|s| !s.network).and_then(|s| {
             let head = s.request.as_ref();
             let header = |name: &str| {
                 head.and_then(|h| h.headers.get(name))
@@ -142,7 +143,7 @@ pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
                 _ => None,
             }
         }),
-        "response" => stream.and_then(|s| {
+        "response" => stream.filter(|s| !s.network).and_then(|s| {
             let head = s.response.as_ref();
             match seg(1) {
                 "code" => head.map(|h| int(u64::from(h.status.as_u16()))),

@@ -79,6 +79,10 @@ pub(crate) struct NewCallout {
 pub(crate) struct Actions {
     pub continue_request: bool,
     pub continue_response: bool,
+    /// `proxy_continue_stream(2)`: a network filter resumes the downstream data.
+    pub continue_downstream: bool,
+    /// `proxy_continue_stream(3)`: a network filter resumes the upstream data.
+    pub continue_upstream: bool,
     pub close: bool,
     pub local_reply: Option<LocalReply>,
 }
@@ -91,20 +95,26 @@ pub(crate) struct Actions {
 pub(crate) struct Parked {
     pub actions: Actions,
     pub waker: Option<Arc<Notify>>,
+    /// Whether the stream is a network (TCP) stream.
+    pub network: bool,
 }
 
-/// Which body a stream callback sees.
+/// Which body a stream callback sees (buffers 0 and 1, or 2 and 3 for network streams).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BodyKind {
     Request,
     Response,
+    Downstream,
+    Upstream,
 }
 
-/// The state of one HTTP stream context. Owned by the `HttpStream` between callbacks and moved
-/// into the store for the duration of each guest call.
+/// The state of one stream context (an HTTP stream, or a network connection). Owned by the
+/// `HttpStream` between callbacks and moved into the store for the duration of each guest call.
 #[derive(Debug)]
 pub(crate) struct StreamCtx {
     pub id: u32,
+    /// A network (TCP) stream: buffers 2/3 and streams 2/3 instead of 0/1.
+    pub network: bool,
     pub root: u32,
     pub info: Arc<StreamInfo>,
     pub request: Option<RequestHead>,

@@ -237,7 +237,7 @@ type Pending = FuturesUnordered<Callout>;
 /// [`on_request_trailers`]: HttpStream::on_request_trailers
 /// [`finish`]: HttpStream::finish
 pub struct HttpStream {
-    plugin: Arc<Plugin>,
+    pub(crate) plugin: Arc<Plugin>,
     replica: usize,
     generation: u64,
     ctx: Option<Box<StreamCtx>>,
@@ -264,6 +264,7 @@ impl HttpStream {
         let replica = plugin.group.pick_replica();
         let ctx = Box::new(StreamCtx {
             id: plugin.group.next_context_id(),
+            network: false,
             root: plugin.root.context_id,
             info,
             request: None,
@@ -294,7 +295,14 @@ impl HttpStream {
         }
     }
 
-    fn ctx(&mut self) -> &mut StreamCtx {
+    /// The same machinery for a network (TCP) connection: see `NetworkStream`.
+    pub(crate) fn new_network(plugin: Arc<Plugin>, info: Arc<StreamInfo>) -> Self {
+        let mut stream = Self::new(plugin, info);
+        stream.ctx().network = true;
+        stream
+    }
+
+    pub(crate) fn ctx(&mut self) -> &mut StreamCtx {
         // The context is only out of `self` during a guest call, which `invoke` puts back.
         self.ctx.get_or_insert_with(unreachable_ctx)
     }
@@ -333,6 +341,11 @@ impl HttpStream {
         self.lifecycle == Lifecycle::Bypassed
     }
 
+    /// Whether the guest context exists and the filter is not bypassed.
+    pub(crate) fn is_active(&self) -> bool {
+        self.lifecycle == Lifecycle::Active
+    }
+
     /// Run one guest call with this stream's context loaded.
     fn invoke(
         &mut self,
@@ -367,7 +380,11 @@ impl HttpStream {
         let create = self.lifecycle == Lifecycle::New;
         let state = vm.store.data_mut();
         if create {
-            state.streams.insert(id, Parked::default());
+            let parked = Parked {
+                network: ctx.network,
+                ..Parked::default()
+            };
+            state.streams.insert(id, parked);
         }
         state.stream = Some(ctx);
         state.effective = id;
@@ -412,7 +429,7 @@ impl HttpStream {
     }
 
     /// Run a stream callback: create the context first if needed.
-    fn callback(
+    pub(crate) fn callback(
         &mut self,
         f: impl FnOnce(
             &crate::vm::Exports,
@@ -432,7 +449,7 @@ impl HttpStream {
         })
     }
 
-    fn failure_decision(&mut self) -> Decision {
+    pub(crate) fn failure_decision(&mut self) -> Decision {
         self.lifecycle = Lifecycle::Bypassed;
         self.pending = FuturesUnordered::new();
         self.plugin
@@ -448,7 +465,7 @@ impl HttpStream {
         }
     }
 
-    fn skipping(&self) -> bool {
+    pub(crate) fn skipping(&self) -> bool {
         matches!(self.lifecycle, Lifecycle::Bypassed | Lifecycle::Finished)
     }
 
@@ -456,14 +473,8 @@ impl HttpStream {
     /// continue; Envoy delivers the response whenever it comes). A local reply or close
     /// requested from those callbacks is returned.
     fn deliver_ready(&mut self) -> Option<Decision> {
-        while let Some(Some((token, result))) = self.pending.next().now_or_never() {
-            let spec = self.plugin.root.clone();
-            let r = self.invoke(|vm, _id, root, _create| {
-                deliver_callout(vm, &spec, root, token, result).map(|()| 1)
-            });
-            if r.is_err() {
-                return Some(self.failure_decision());
-            }
+        if self.deliver_callouts().is_err() {
+            return Some(self.failure_decision());
         }
         let ctx = self.ctx();
         let actions = std::mem::take(&mut ctx.actions);
@@ -480,9 +491,45 @@ impl HttpStream {
         None
     }
 
+    /// Deliver the callouts that already answered (without waiting). Errs when the filter
+    /// failed.
+    pub(crate) fn deliver_callouts(&mut self) -> Result<(), ()> {
+        while let Some(Some((token, result))) = self.pending.next().now_or_never() {
+            self.deliver(token, result)?;
+        }
+        Ok(())
+    }
+
+    /// Deliver one callout's result into the stream's VM. Errs when the filter failed.
+    pub(crate) fn deliver(
+        &mut self,
+        token: u32,
+        result: Result<CallResponse, CallError>,
+    ) -> Result<(), ()> {
+        let spec = self.plugin.root.clone();
+        self.invoke(|vm, _id, root, _create| {
+            deliver_callout(vm, &spec, root, token, result).map(|()| 1)
+        })
+        .map(|_| ())
+    }
+
+    /// Wait for the next thing that may change a waiting stream: a callout answer (delivered
+    /// into the filter), or `waker` (another context acted on the stream: take its actions
+    /// with `sync_parked`). Cancel-safe. Errs when the filter failed.
+    pub(crate) async fn wait_event(&mut self, waker: &tokio::sync::Notify) -> Result<(), ()> {
+        let callouts = !self.pending.is_empty();
+        tokio::select! {
+            next = self.pending.next(), if callouts => match next {
+                Some((token, result)) => self.deliver(token, result),
+                None => Ok(()),
+            },
+            _ = waker.notified() => Ok(()),
+        }
+    }
+
     /// Before waiting: register the waker and take the actions other contexts requested for
     /// this stream. Errs when the stream's VM is gone.
-    fn sync_parked(&mut self) -> Result<Arc<tokio::sync::Notify>, ()> {
+    pub(crate) fn sync_parked(&mut self) -> Result<Arc<tokio::sync::Notify>, ()> {
         let waker = self.waker.get_or_insert_with(Default::default).clone();
         let plugin = self.plugin.clone();
         let mut slot = plugin.group.lock(self.replica);
@@ -538,25 +585,11 @@ impl HttpStream {
             if a.local_reply.is_some() || a.close || a.continue_request || a.continue_response {
                 continue;
             }
-            if self.pending.is_empty() {
-                // Nothing more will come from the client: like Envoy, wait for a resume from
-                // another context (a timer, a queue, another stream). The gateway's request
-                // timeout bounds the wait.
-                waker.notified().await;
-                continue;
-            }
-            tokio::select! {
-                next = self.pending.next() => {
-                    let Some((token, result)) = next else { continue };
-                    let spec = self.plugin.root.clone();
-                    let r = self.invoke(|vm, _id, root, _create| {
-                        deliver_callout(vm, &spec, root, token, result).map(|()| 1)
-                    });
-                    if r.is_err() {
-                        return self.failure_decision();
-                    }
-                }
-                _ = waker.notified() => {}
+            // Wait for a callout or (nothing more coming from the client) like Envoy for a
+            // resume from another context (a timer, a queue, another stream). The gateway's
+            // request timeout bounds the wait.
+            if self.wait_event(&waker).await.is_err() {
+                return self.failure_decision();
             }
             action = 1;
         }
@@ -788,18 +821,26 @@ impl HttpStream {
     /// order). Call it once, after the response is complete or the stream was reset; dropping
     /// the stream without it runs only `on_done` and `on_delete`.
     pub fn finish(&mut self) {
+        self.finish_in_order(false);
+    }
+
+    /// `finish` for HTTP (`network` false: `on_log`, then `on_done` + `on_delete`) or for a
+    /// network connection (Envoy's order there: `on_done`, `on_log`, `on_delete`).
+    pub(crate) fn finish_in_order(&mut self, network: bool) {
         if self.lifecycle == Lifecycle::Active {
             // Callouts that already answered are delivered first, as Envoy would have.
             let _ = self.deliver_ready();
         }
         if self.lifecycle == Lifecycle::Active {
-            let _ = self.callback(|ex, store, id| {
-                if let Some(f) = &ex.log {
-                    f.call(store, id)?;
-                }
-                Ok(0)
-            });
-            self.delete();
+            if !network {
+                let _ = self.callback(|ex, store, id| {
+                    if let Some(f) = &ex.log {
+                        f.call(store, id)?;
+                    }
+                    Ok(0)
+                });
+            }
+            self.delete(network);
             if self.lifecycle == Lifecycle::Finished {
                 let mut slot = self.plugin.group.lock(self.replica);
                 if slot.generation == self.generation {
@@ -812,13 +853,17 @@ impl HttpStream {
         }
     }
 
-    fn delete(&mut self) {
+    /// `on_done` (then `on_log` when `log`) and `on_delete`.
+    fn delete(&mut self, log: bool) {
         if self.lifecycle != Lifecycle::Active {
             return;
         }
         self.pending = FuturesUnordered::new();
         let r = self.callback(|ex, store, id| {
             if let Some(f) = &ex.done {
+                f.call(&mut *store, id)?;
+            }
+            if log && let Some(f) = &ex.log {
                 f.call(&mut *store, id)?;
             }
             if let Some(f) = &ex.delete {
@@ -837,7 +882,7 @@ impl HttpStream {
 
 impl Drop for HttpStream {
     fn drop(&mut self) {
-        self.delete();
+        self.delete(false);
     }
 }
 
@@ -846,6 +891,7 @@ fn unreachable_ctx() -> Box<StreamCtx> {
     // Never taken outside `invoke`; a fresh empty context keeps the host alive regardless.
     Box::new(StreamCtx {
         id: 0,
+        network: false,
         root: 0,
         info: Arc::new(StreamInfo::default()),
         request: None,
@@ -870,6 +916,8 @@ fn merge(ctx: &mut StreamCtx, other: Actions) {
     let a = &mut ctx.actions;
     a.continue_request |= other.continue_request;
     a.continue_response |= other.continue_response;
+    a.continue_downstream |= other.continue_downstream;
+    a.continue_upstream |= other.continue_upstream;
     a.close |= other.close;
     if a.local_reply.is_none() && !ctx.local_reply_sent {
         a.local_reply = other.local_reply;

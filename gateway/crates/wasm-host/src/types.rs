@@ -103,6 +103,8 @@ impl std::fmt::Display for AbiVersion {
 pub(crate) mod buffer {
     pub const REQUEST_BODY: i32 = 0;
     pub const RESPONSE_BODY: i32 = 1;
+    pub const DOWNSTREAM_DATA: i32 = 2;
+    pub const UPSTREAM_DATA: i32 = 3;
     pub const HTTP_CALL_RESPONSE_BODY: i32 = 4;
     pub const GRPC_RECEIVE_BUFFER: i32 = 5;
     pub const VM_CONFIGURATION: i32 = 6;

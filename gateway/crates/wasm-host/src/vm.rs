@@ -72,6 +72,11 @@ pub(crate) struct Exports {
     pub http_call_response: Option<TypedFunc<I32x5, ()>>,
     pub grpc_receive: Option<TypedFunc<(i32, i32, i32), ()>>,
     pub grpc_close: Option<TypedFunc<(i32, i32, i32), ()>>,
+    pub new_connection: Option<TypedFunc<i32, i32>>,
+    pub downstream_data: Option<TypedFunc<(i32, i32, i32), i32>>,
+    pub upstream_data: Option<TypedFunc<(i32, i32, i32), i32>>,
+    pub downstream_close: Option<TypedFunc<(i32, i32), ()>>,
+    pub upstream_close: Option<TypedFunc<(i32, i32), ()>>,
 }
 
 fn typed<P: WasmParams, R: WasmResults>(
@@ -162,6 +167,15 @@ impl Vm {
             http_call_response: typed(&instance, &mut store, "proxy_on_http_call_response")?,
             grpc_receive: typed(&instance, &mut store, "proxy_on_grpc_receive")?,
             grpc_close: typed(&instance, &mut store, "proxy_on_grpc_close")?,
+            new_connection: typed(&instance, &mut store, "proxy_on_new_connection")?,
+            downstream_data: typed(&instance, &mut store, "proxy_on_downstream_data")?,
+            upstream_data: typed(&instance, &mut store, "proxy_on_upstream_data")?,
+            downstream_close: typed(
+                &instance,
+                &mut store,
+                "proxy_on_downstream_connection_close",
+            )?,
+            upstream_close: typed(&instance, &mut store, "proxy_on_upstream_connection_close")?,
         };
         if exports.context_create.is_none() {
             return Err("module exports no proxy_on_context_create".into());

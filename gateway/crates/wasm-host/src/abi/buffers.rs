@@ -1,4 +1,4 @@
-//! Buffers: bodies, callout response bodies, configurations.
+//! Buffers: bodies, network data, callout response bodies, configurations.
 
 use bytes::Bytes;
 use wasmtime::{Caller, Linker};
@@ -18,6 +18,8 @@ fn bytes_of(state: &HostState, which: i32) -> Result<Bytes, Status> {
     match which {
         buffer::REQUEST_BODY => body(BodyKind::Request),
         buffer::RESPONSE_BODY => body(BodyKind::Response),
+        buffer::DOWNSTREAM_DATA => body(BodyKind::Downstream),
+        buffer::UPSTREAM_DATA => body(BodyKind::Upstream),
         buffer::HTTP_CALL_RESPONSE_BODY => state
             .callout
             .as_ref()
@@ -31,7 +33,7 @@ fn bytes_of(state: &HostState, which: i32) -> Result<Bytes, Status> {
             .root()
             .map(|r| r.configuration.clone())
             .ok_or(Status::NotFound),
-        buffer::VM_CONFIGURATION | buffer::PLUGIN_CONFIGURATION | buffer::CALL_DATA | 2 | 3 => {
+        buffer::VM_CONFIGURATION | buffer::PLUGIN_CONFIGURATION | buffer::CALL_DATA => {
             Err(Status::NotFound)
         }
         _ => Err(Status::BadArgument),
@@ -73,7 +75,9 @@ fn set(
     let kind = match which {
         buffer::REQUEST_BODY => BodyKind::Request,
         buffer::RESPONSE_BODY => BodyKind::Response,
-        buffer::HTTP_CALL_RESPONSE_BODY | 2 | 3 | 5 | 6 | 7 | 8 => {
+        buffer::DOWNSTREAM_DATA => BodyKind::Downstream,
+        buffer::UPSTREAM_DATA => BodyKind::Upstream,
+        buffer::HTTP_CALL_RESPONSE_BODY | 5 | 6 | 7 | 8 => {
             return Err(Status::NotFound.into());
         }
         _ => return Err(Status::BadArgument.into()),

@@ -12,18 +12,20 @@ use crate::stream::LocalReply;
 use crate::types::Status;
 
 /// Run `f` on the actions of the effective stream: the loaded one, or a parked one (then its
-/// driver is woken).
+/// driver is woken). `f` also gets whether a local reply was sent and whether the stream is a
+/// network (TCP) stream.
 fn with_actions(
     c: &mut Caller<'_, HostState>,
     missing: Status,
-    f: impl FnOnce(&mut Actions, bool) -> HostResult,
+    f: impl FnOnce(&mut Actions, bool, bool) -> HostResult,
 ) -> HostResult {
     let state = c.data_mut();
     if state.parked_mut().is_some() {
         state.parked_used = true;
     }
     if let Some(parked) = state.parked_mut() {
-        let r = f(&mut parked.actions, false);
+        let network = parked.network;
+        let r = f(&mut parked.actions, false, network);
         if let Some(waker) = &parked.waker {
             waker.notify_one();
         }
@@ -31,29 +33,34 @@ fn with_actions(
     }
     let s = state.stream_mut().ok_or(missing)?;
     let sent = s.local_reply_sent;
-    f(&mut s.actions, sent)
+    let network = s.network;
+    f(&mut s.actions, sent, network)
 }
 
+/// `proxy_continue_stream`: request/response (0, 1) of an HTTP stream, downstream/upstream
+/// data (2, 3) of a network stream; the other kind's streams do not exist (`NOT_FOUND`).
 fn continue_stream(c: &mut Caller<'_, HostState>, which: i32) -> HostResult {
     started(c)?;
-    with_actions(c, Status::NotFound, |a, _| {
-        match which {
-            0 => a.continue_request = true,
-            1 => a.continue_response = true,
-            // Downstream/upstream (TCP) streams do not exist in an HTTP filter.
-            2 | 3 => return Err(Status::NotFound.into()),
+    with_actions(c, Status::NotFound, |a, _, network| {
+        match (which, network) {
+            (0, false) => a.continue_request = true,
+            (1, false) => a.continue_response = true,
+            (2, true) => a.continue_downstream = true,
+            (3, true) => a.continue_upstream = true,
+            (0..=3, _) => return Err(Status::NotFound.into()),
             _ => return Err(Status::BadArgument.into()),
         }
         Ok(())
     })
 }
 
+/// `proxy_close_stream`: resets an HTTP stream (0, 1) or closes a network connection (2, 3).
 fn close_stream(c: &mut Caller<'_, HostState>, which: i32) -> HostResult {
     started(c)?;
-    with_actions(c, Status::NotFound, |a, _| {
-        match which {
-            0 | 1 => a.close = true,
-            2 | 3 => return Err(Status::NotFound.into()),
+    with_actions(c, Status::NotFound, |a, _, network| {
+        match (which, network) {
+            (0 | 1, false) | (2 | 3, true) => a.close = true,
+            (0..=3, _) => return Err(Status::NotFound.into()),
             _ => return Err(Status::BadArgument.into()),
         }
         Ok(())
@@ -95,7 +102,12 @@ fn send_local_response(
         details,
         grpc_status: u32::try_from(grpc).ok(),
     };
-    with_actions(c, Status::BadArgument, |a, sent| {
+    with_actions(c, Status::BadArgument, |a, sent, network| {
+        if network {
+            // As in Envoy: a connection has no HTTP response to send; the call does nothing.
+            tracing::debug!("wasm network filter sent a local reply; ignored");
+            return Ok(());
+        }
         if sent {
             // Envoy sends one local reply per stream; a second one (e.g. from the response
             // callbacks that run on the first) is ignored.

@@ -35,7 +35,7 @@ fn build_guests() -> &'static PathBuf {
         cmd.current_dir(workspace_root())
             .env("CARGO_TARGET_DIR", &dir)
             .args(["build", "--profile", "wasm", "--target", "wasm32-wasip1"]);
-        for g in ["http", "callout", "bad", "bench"] {
+        for g in ["http", "callout", "bad", "bench", "network"] {
             cmd.args(["-p", &format!("weir-guest-{g}")]);
         }
         let status = cmd.status().expect("run cargo to build the test guests");
@@ -44,7 +44,7 @@ fn build_guests() -> &'static PathBuf {
     })
 }
 
-/// The bytes of guest `name` (`http`, `callout`, `bad`, `bench`).
+/// The bytes of guest `name` (`http`, `callout`, `bad`, `bench`, `network`).
 pub fn guest(name: &str) -> Arc<[u8]> {
     let path = build_guests().join(format!("weir_guest_{name}.wasm"));
     std::fs::read(&path)
