@@ -253,35 +253,180 @@ pub fn filter_metrics() -> Vec<MetricSample> {
         .collect()
 }
 
-/// A Prometheus metric name from a filter's metric name: characters outside `[a-zA-Z0-9_:]`
-/// become `_`, and the name is prefixed with `wasm_`.
-pub fn prometheus_name(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 5);
-    out.push_str("wasm_");
-    out.extend(name.chars().map(|c| {
+/// A filter metric's name as exported to Prometheus: the metric (family) name and its labels.
+///
+/// See [`prometheus_metric_name`] for how a filter's name maps to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrometheusName {
+    /// The metric name: `[a-zA-Z0-9_:]` only, `wasm_` in front unless it starts with `istio_`.
+    pub name: String,
+    /// Label names (`[a-zA-Z0-9_]`, not starting with a digit) and raw (unescaped) values, in
+    /// the order the filter wrote them; a repeated label name keeps its first value.
+    pub labels: Vec<(String, String)>,
+}
+
+/// Split a filter's metric name into base name and labels, in one of the two encodings:
+///
+/// - Istio's (the proxy-wasm C++ SDK's `Metric` with `;.;` and `=.=` separators): pieces
+///   separated by `;.;`, each `label=.=value`, plus exactly one piece without `=.=`, the base
+///   name, e.g. `reporter=.=source;.;response_code=.=200;.;istio_requests_total`.
+/// - Weir's: `base;label=value;label2=value2` (values cannot contain `;`).
+///
+/// `None` when the name uses neither (a plain name, or a malformed encoding).
+fn split_labels(name: &str) -> Option<(&str, Vec<(&str, &str)>)> {
+    let mut labels = Vec::new();
+    let base = if name.contains("=.=") {
+        let mut base = None;
+        for piece in name.split(";.;").filter(|p| !p.is_empty()) {
+            match piece.split_once("=.=") {
+                Some(pair) => labels.push(pair),
+                None if base.is_none() => base = Some(piece),
+                None => return None,
+            }
+        }
+        base?
+    } else {
+        let mut pieces = name.split(';');
+        let base = pieces.next()?;
+        for piece in pieces.filter(|p| !p.is_empty()) {
+            labels.push(piece.split_once('=')?);
+        }
+        base
+    };
+    if base.is_empty() || labels.is_empty() || labels.iter().any(|(k, _)| k.is_empty()) {
+        return None;
+    }
+    Some((base, labels))
+}
+
+/// Map `name` to Prometheus: labels encoded in the name (see [`split_labels`]: Istio's
+/// `label=.=value;.;…;.;base` or Weir's `base;label=value;…`) become Prometheus labels; in the
+/// base name, characters outside `[a-zA-Z0-9_:]` become `_`, and `wasm_` is put in front unless
+/// it starts with `istio_` (so Istio's standard metrics keep their names). A name that encodes
+/// no labels (or encodes them wrongly) is exported whole as the metric name, with no labels.
+pub fn prometheus_metric_name(name: &str) -> PrometheusName {
+    let (base, raw_labels) = split_labels(name).unwrap_or((name, Vec::new()));
+    let mut out = String::with_capacity(base.len() + 5);
+    if !base.starts_with("istio_") {
+        out.push_str("wasm_");
+    }
+    out.extend(base.chars().map(|c| {
         if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
             c
         } else {
             '_'
         }
     }));
+    let mut labels: Vec<(String, String)> = Vec::with_capacity(raw_labels.len());
+    for (k, v) in raw_labels {
+        let mut key: String = k
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        if key.starts_with(|c: char| c.is_ascii_digit()) {
+            key.insert(0, '_');
+        }
+        if !labels.iter().any(|(seen, _)| *seen == key) {
+            labels.push((key, v.to_owned()));
+        }
+    }
+    PrometheusName { name: out, labels }
+}
+
+/// The Prometheus metric name of a filter's metric: [`prometheus_metric_name`] without the
+/// labels.
+pub fn prometheus_name(name: &str) -> String {
+    prometheus_metric_name(name).name
+}
+
+/// `name="value",...` with values escaped as the text format requires (`\`, `"`, newline).
+/// For histograms a label named `le` (reserved for buckets) is written as `_le`.
+fn render_labels(labels: &[(String, String)], histogram: bool) -> String {
+    let mut out = String::new();
+    for (i, (k, v)) in labels.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if histogram && k == "le" {
+            out.push('_');
+        }
+        out.push_str(k);
+        out.push_str("=\"");
+        for c in v.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
     out
 }
 
+fn kind_of(v: &MetricValue) -> (MetricKind, &'static str) {
+    match v {
+        MetricValue::Counter(_) => (MetricKind::Counter, "counter"),
+        MetricValue::Gauge(_) => (MetricKind::Gauge, "gauge"),
+        MetricValue::Histogram(_) => (MetricKind::Histogram, "histogram"),
+    }
+}
+
 /// Append all filter-defined metrics to `out` in the Prometheus text format.
+///
+/// Names map as [`prometheus_metric_name`] says. All samples of one metric name come together
+/// under one `# TYPE` line, families in the order their first sample was defined; when filters
+/// use one name for metrics of different kinds, the later kinds get `_gauge`, `_counter` or
+/// `_histogram` appended.
 pub fn render_filter_metrics(out: &mut String) {
+    /// One metric name: its type and its samples (rendered labels, value).
+    struct Family {
+        name: String,
+        type_name: &'static str,
+        samples: Vec<(String, MetricValue)>,
+    }
+    let mut families: Vec<Family> = Vec::new();
+    let mut index: HashMap<(String, MetricKind), usize> = HashMap::new();
+    let mut first_kind: HashMap<String, MetricKind> = HashMap::new();
     for s in filter_metrics() {
-        let name = prometheus_name(&s.name);
-        match s.value {
-            MetricValue::Counter(v) => {
-                let _ = writeln!(out, "# TYPE {name} counter\n{name} {v}");
-            }
-            MetricValue::Gauge(v) => {
-                let _ = writeln!(out, "# TYPE {name} gauge\n{name} {v}");
-            }
-            MetricValue::Histogram(h) => {
-                let _ = writeln!(out, "# TYPE {name} histogram");
-                h.render(out, &name, "");
+        let (kind, type_name) = kind_of(&s.value);
+        let PrometheusName { mut name, labels } = prometheus_metric_name(&s.name);
+        if *first_kind.entry(name.clone()).or_insert(kind) != kind {
+            name = format!("{name}_{type_name}");
+        }
+        let labels = render_labels(&labels, kind == MetricKind::Histogram);
+        let i = *index.entry((name.clone(), kind)).or_insert_with(|| {
+            families.push(Family {
+                name,
+                type_name,
+                samples: Vec::new(),
+            });
+            families.len() - 1
+        });
+        families[i].samples.push((labels, s.value));
+    }
+    for Family {
+        name,
+        type_name,
+        samples,
+    } in families
+    {
+        let _ = writeln!(out, "# TYPE {name} {type_name}");
+        for (labels, value) in samples {
+            let braces = if labels.is_empty() {
+                String::new()
+            } else {
+                format!("{{{labels}}}")
+            };
+            match value {
+                MetricValue::Counter(v) => {
+                    let _ = writeln!(out, "{name}{braces} {v}");
+                }
+                MetricValue::Gauge(v) => {
+                    let _ = writeln!(out, "{name}{braces} {v}");
+                }
+                MetricValue::Histogram(h) => h.render(out, &name, &labels),
             }
         }
     }
@@ -497,6 +642,111 @@ mod tests {
             out.contains(
                 "weir_wasm_callback_duration_microseconds_bucket{plugin=\"a\",le=\"10\"} 1"
             )
+        );
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn names_with_labels_map_to_prometheus() {
+        let istio = prometheus_metric_name(
+            "reporter=.=source;.;response_code=.=200;.;istio_requests_total",
+        );
+        assert_eq!(
+            istio.name, "istio_requests_total",
+            "istio_ names keep no prefix"
+        );
+        assert_eq!(
+            istio.labels,
+            labels(&[("reporter", "source"), ("response_code", "200")])
+        );
+        // Base first works too, and an empty value is a value.
+        let istio = prometheus_metric_name("istio_x;.;grpc_response_status=.=;.;");
+        assert_eq!(istio.labels, labels(&[("grpc_response_status", "")]));
+        let weir = prometheus_metric_name("cache.hits;tier=l1;9lives=a=b;tier=l2");
+        assert_eq!(weir.name, "wasm_cache_hits");
+        assert_eq!(
+            weir.labels,
+            labels(&[("tier", "l1"), ("_9lives", "a=b")]),
+            "label names sanitized, values raw, first value of a repeated label kept"
+        );
+        let plain = prometheus_metric_name("my-filter.requests");
+        assert_eq!(plain.name, "wasm_my_filter_requests");
+        assert!(plain.labels.is_empty());
+        // Malformed encodings are exported whole, as plain names.
+        for bad in [
+            "a;b",
+            ";k=v",
+            "a;=v",
+            "k=.=v;.;",
+            "one;.;two;.;k=.==.=v",
+            "x;.;=.=v",
+        ] {
+            let p = prometheus_metric_name(bad);
+            assert!(p.labels.is_empty(), "{bad}: {p:?}");
+            assert!(p.name.starts_with("wasm_"), "{bad}: {p:?}");
+        }
+    }
+
+    #[test]
+    fn labelled_samples_share_one_type_line() {
+        let ok = define(0, "unit_render;code=200;path=/a\"b\\c").unwrap();
+        let not_found = define(0, "unit_render;code=404;path=x\ny").unwrap();
+        let plain = define(0, "unit_render").unwrap();
+        let hist = define(2, "unit_render_ms;code=200;le=x").unwrap();
+        let other_kind = define(1, "unit_render;code=1").unwrap();
+        let istio = define(0, "reporter=.=source;.;istio_unit_render_total").unwrap();
+        increment(ok, 2).unwrap();
+        increment(not_found, 1).unwrap();
+        increment(plain, 5).unwrap();
+        record(hist, 3).unwrap();
+        record(other_kind, 9).unwrap();
+        increment(istio, 4).unwrap();
+        let mut s = String::new();
+        render_filter_metrics(&mut s);
+        assert_eq!(
+            s.matches("# TYPE wasm_unit_render counter").count(),
+            1,
+            "{s}"
+        );
+        let family: Vec<&str> = s
+            .lines()
+            .skip_while(|l| *l != "# TYPE wasm_unit_render counter")
+            .skip(1)
+            .take_while(|l| !l.starts_with('#'))
+            .collect();
+        assert_eq!(
+            family,
+            [
+                "wasm_unit_render{code=\"200\",path=\"/a\\\"b\\\\c\"} 2",
+                "wasm_unit_render{code=\"404\",path=\"x\\ny\"} 1",
+                "wasm_unit_render 5",
+            ],
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "# TYPE wasm_unit_render_gauge gauge\nwasm_unit_render_gauge{code=\"1\"} 9\n"
+            ),
+            "{s}"
+        );
+        assert!(s.contains("# TYPE wasm_unit_render_ms histogram\n"), "{s}");
+        assert!(
+            s.contains("wasm_unit_render_ms_bucket{code=\"200\",_le=\"x\",le=\"5\"} 1\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("wasm_unit_render_ms_count{code=\"200\",_le=\"x\"} 1\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("# TYPE istio_unit_render_total counter\nistio_unit_render_total{reporter=\"source\"} 4\n"),
+            "{s}"
         );
     }
 }
