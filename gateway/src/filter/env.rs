@@ -1,5 +1,5 @@
-//! The gateway's side of the proxy-wasm host: callouts to configured clusters and the
-//! `weir_rate_limit` foreign function (governor).
+//! The gateway's side of the proxy-wasm host: callouts and gRPC streams to configured clusters
+//! and the `weir_rate_limit` foreign function (governor).
 
 use std::num::NonZeroU32;
 use std::sync::{Arc, Weak};
@@ -11,11 +11,15 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use http_body_util::BodyExt;
 use weir_wasm_host::{
-    CallError, CallResponse, ForeignFunction, HostEnv, RATE_LIMIT_FUNCTION, Status,
+    CallError, CallResponse, ForeignFunction, GrpcRequestBody, GrpcResponseBody, GrpcStreamFuture,
+    HostEnv, RATE_LIMIT_FUNCTION, Status,
 };
 
 use crate::Shared;
-use crate::upstream::cluster::PickContext;
+use crate::body::{BoxError, ProxyBody};
+use crate::upstream::cluster::{Cluster, PickContext};
+use crate::upstream::endpoint::Endpoint;
+use crate::upstream::h2pool::H2Pool;
 
 /// Largest callout response body read (1 MiB, like Envoy's default buffer).
 const CALLOUT_BODY_LIMIT: usize = 1 << 20;
@@ -41,11 +45,72 @@ impl GatewayEnv {
     }
 }
 
-impl HostEnv for GatewayEnv {
-    fn has_cluster(&self, cluster: &str) -> bool {
+impl GatewayEnv {
+    /// The live cluster named `name` in the current snapshot.
+    fn cluster(&self, name: &str) -> Result<Arc<Cluster>, CallError> {
         self.shared
             .upgrade()
-            .is_some_and(|s| s.snapshot.load().clusters.contains_key(cluster))
+            .and_then(|s| s.snapshot.load().clusters.get(name).cloned())
+            .ok_or_else(|| CallError::UnknownCluster(name.to_string()))
+    }
+}
+
+/// An endpoint of `cluster` for a callout or stream with `headers` (for ring hash).
+fn pick(cluster: &Cluster, headers: &http::HeaderMap) -> Result<Arc<Endpoint>, CallError> {
+    let ctx = PickContext {
+        headers,
+        client_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+        random: rand::random(),
+    };
+    cluster
+        .pick(None, &ctx, None)
+        .ok_or_else(|| CallError::Reset("no healthy upstream".into()))
+}
+
+/// The path and query of `uri` (`/` when it has none).
+fn path_of(uri: &http::Uri) -> String {
+    uri.path_and_query().map_or("/", |p| p.as_str()).to_string()
+}
+
+/// Send a callout or stream request over the cluster's HTTP/2 connection to `ep`: the URI
+/// gets the cluster's scheme and the request's `Host` (else the cluster name) as authority.
+async fn send_h2(
+    cluster: &Cluster,
+    pool: &H2Pool,
+    ep: &Endpoint,
+    mut parts: http::request::Parts,
+    body: ProxyBody,
+) -> Result<http::Response<hyper::body::Incoming>, CallError> {
+    let scheme = if cluster.spec().tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let authority = parts
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or(&cluster.name)
+        .to_string();
+    let path = path_of(&parts.uri);
+    parts.uri = format!("{scheme}://{authority}{path}")
+        .parse()
+        .map_err(|_| CallError::Reset("invalid :path".into()))?;
+    parts.version = http::Version::HTTP_2;
+    parts.headers.remove(http::header::HOST);
+    let mut sender = pool
+        .sender(ep.addr)
+        .await
+        .map_err(|e| CallError::Reset(e.to_string()))?;
+    sender
+        .send_request(http::Request::from_parts(parts, body))
+        .await
+        .map_err(|e| CallError::Reset(e.to_string()))
+}
+
+impl HostEnv for GatewayEnv {
+    fn has_cluster(&self, cluster: &str) -> bool {
+        self.cluster(cluster).is_ok()
     }
 
     fn http_call(
@@ -54,35 +119,13 @@ impl HostEnv for GatewayEnv {
         request: http::Request<Bytes>,
         timeout: Option<Duration>,
     ) -> BoxFuture<'static, Result<CallResponse, CallError>> {
-        let cluster = self
-            .shared
-            .upgrade()
-            .and_then(|s| s.snapshot.load().clusters.get(cluster).cloned())
-            .ok_or_else(|| CallError::UnknownCluster(cluster.to_string()));
+        let cluster = self.cluster(cluster);
         Box::pin(async move {
             let cluster = cluster?;
             let call = async {
-                let ctx = PickContext {
-                    headers: request.headers(),
-                    client_ip: std::net::Ipv4Addr::LOCALHOST.into(),
-                    random: rand::random(),
-                };
-                let ep = cluster
-                    .pick(None, &ctx, None)
-                    .ok_or_else(|| CallError::Reset("no healthy upstream".into()))?;
+                let ep = pick(&cluster, request.headers())?;
                 let _active = ep.start_request();
                 let (mut parts, body) = request.into_parts();
-                let path = parts
-                    .uri
-                    .path_and_query()
-                    .map_or("/", |p| p.as_str())
-                    .to_string();
-                let authority = parts
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .unwrap_or(&cluster.name)
-                    .to_string();
                 let trailers = parts.extensions.remove::<weir_wasm_host::CallTrailers>();
                 let body = match trailers {
                     Some(t) if !t.0.is_empty() => http_body_util::Full::new(body)
@@ -92,28 +135,9 @@ impl HostEnv for GatewayEnv {
                     _ => crate::body::full(body),
                 };
                 let resp = match &cluster.h2 {
-                    Some(pool) => {
-                        let scheme = if cluster.spec().tls.is_some() {
-                            "https"
-                        } else {
-                            "http"
-                        };
-                        parts.uri = format!("{scheme}://{authority}{path}")
-                            .parse()
-                            .map_err(|_| CallError::Reset("invalid :path".into()))?;
-                        parts.version = http::Version::HTTP_2;
-                        parts.headers.remove(http::header::HOST);
-                        let req = http::Request::from_parts(parts, body);
-                        let mut sender = pool
-                            .sender(ep.addr)
-                            .await
-                            .map_err(|e| CallError::Reset(e.to_string()))?;
-                        sender
-                            .send_request(req)
-                            .await
-                            .map_err(|e| CallError::Reset(e.to_string()))?
-                    }
+                    Some(pool) => send_h2(&cluster, pool, &ep, parts, body).await?,
                     None => {
+                        let path = path_of(&parts.uri);
                         parts.uri = format!("http://{}{path}", ep.authority)
                             .parse()
                             .map_err(|_| CallError::Reset("invalid :path".into()))?;
@@ -144,6 +168,33 @@ impl HostEnv for GatewayEnv {
                 None => call.await,
             }
         })
+    }
+
+    fn grpc_stream(
+        &self,
+        cluster: &str,
+        request: http::Request<GrpcRequestBody>,
+    ) -> Result<GrpcStreamFuture, CallError> {
+        let cluster = self.cluster(cluster)?;
+        if cluster.h2.is_none() {
+            return Err(CallError::Unsupported(format!(
+                "cluster {} does not speak HTTP/2 (set protocol: http2 for gRPC streams)",
+                cluster.name
+            )));
+        }
+        Ok(Box::pin(async move {
+            let Some(pool) = &cluster.h2 else {
+                return Err(CallError::Unsupported("no HTTP/2".into()));
+            };
+            let ep = pick(&cluster, request.headers())?;
+            // Counted as active until the response headers, like a proxied request.
+            let _active = ep.start_request();
+            let (parts, body) = request.into_parts();
+            // A cancelled stream fails its request body: hyper then resets the HTTP/2 stream.
+            let body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed();
+            let resp = send_h2(&cluster, pool, &ep, parts, body).await?;
+            Ok(resp.map(|b| -> GrpcResponseBody { Box::pin(crate::body::incoming(b)) }))
+        }))
     }
 
     fn foreign_function(&self, name: &str) -> Option<ForeignFunction> {

@@ -535,3 +535,46 @@ async fn plugins_with_one_vm_id_share_data() {
     let c1 = hits(get(addr, "x", "/c", &[]).await);
     assert_eq!(c1, 1, "another vm_id has its own shared data");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_streams_grpc_to_an_h2_cluster() {
+    let up = upstream("up", Behavior::default()).await;
+    let echo = crate::streams::grpc_echo().await;
+    let yaml = format!(
+        "admin: {{ address: 127.0.0.1:0 }}\nserver: {{ watch: false }}\nlisteners:\n  - {{ name: main, address: 127.0.0.1:0 }}\nplugins:\n  - {{ name: g, module: \"{}\" }}\nroutes:\n  - {{ name: r, filters: [g], backends: [ {{ cluster: up }} ] }}\nclusters:\n  - {{ name: up, endpoints: [ {{ address: \"{}\" }} ] }}\n  - {{ name: echo, protocol: http2, endpoints: [ {{ address: \"{echo}\" }} ] }}\n",
+        guest("grpcstream").display(),
+        up.addr
+    );
+    let gw = gateway(&yaml).await;
+    let addr = gw.addr("main").await;
+    // The filter opens a stream to `echo`, sends three messages, half-closes, and answers
+    // with what came back once the stream closed.
+    let r = get(addr, "x", "/chat", &[("x-messages", "a,b,c")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let h = |name: &str| r.headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(
+        h("x-events").as_deref(),
+        Some("init,msg,msg,msg,trail,close")
+    );
+    assert_eq!(h("x-received").as_deref(), Some("a|b|c"));
+    assert_eq!(h("x-close-status").as_deref(), Some("0"));
+    let trailers = h("x-trailers").unwrap();
+    assert!(trailers.contains("x-messages=3"), "{trailers}");
+    assert!(h("x-initial").unwrap().contains(":status=200"));
+    assert_eq!(up.hits(), 0, "the filter answered itself");
+    // A cluster without HTTP/2 cannot carry a stream: the filter learns it at open time.
+    let r = get(addr, "x", "/chat", &[("x-cluster", "up")]).await;
+    assert_eq!(r.status, 500);
+    assert_eq!(r.headers.get("x-open-error").unwrap(), "internal-failure");
+    // An unknown cluster and an unknown token, as Envoy answers them.
+    let r = get(addr, "x", "/errors", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.seen_header("x-unknown-cluster").as_deref(),
+        Some("parse-failure")
+    );
+    assert_eq!(
+        r.seen_header("x-unknown-send").as_deref(),
+        Some("not-found")
+    );
+}

@@ -20,7 +20,7 @@ type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// A gRPC-style echo server over h2c: every request message comes back as a response message as
 /// soon as it arrives; trailers carry `grpc-status: 0` and a count.
-async fn grpc_echo() -> std::net::SocketAddr {
+pub(crate) async fn grpc_echo() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

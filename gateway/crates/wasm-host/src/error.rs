@@ -63,7 +63,8 @@ pub enum PluginError {
     Engine(String),
 }
 
-/// Why an HTTP callout failed (returned by [`crate::HostEnv::http_call`]).
+/// Why an HTTP callout or a gRPC stream failed (returned by [`crate::HostEnv::http_call`] and
+/// [`crate::HostEnv::grpc_stream`]).
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum CallError {
@@ -76,4 +77,8 @@ pub enum CallError {
     /// The upstream reset the stream or could not be reached.
     #[error("callout failed: {0}")]
     Reset(String),
+    /// The environment cannot do this kind of call (e.g. gRPC streams to a cluster that does not
+    /// speak HTTP/2, or an environment without a gRPC stream client).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
 }

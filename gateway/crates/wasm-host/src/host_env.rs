@@ -1,4 +1,5 @@
-//! What the host library needs from the gateway: callouts, foreign functions, logs.
+//! What the host library needs from the gateway: callouts, gRPC streams, foreign functions,
+//! logs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
 use crate::error::CallError;
+use crate::grpc_stream::{GrpcRequestBody, GrpcStreamFuture};
 use crate::types::{LogLevel, Status};
 
 /// The response of an HTTP callout.
@@ -115,6 +117,31 @@ pub trait HostEnv: Send + Sync + 'static {
         let _ = (request, timeout);
         let cluster = cluster.to_owned();
         Box::pin(async move { Err(CallError::Reset(format!("no HTTP client for {cluster}"))) })
+    }
+
+    /// Open a bidirectional gRPC stream to `cluster` (only called when
+    /// [`has_cluster`](Self::has_cluster) said yes), for `proxy_grpc_stream`. The request is
+    /// `POST /{service}/{method}`, `Version::HTTP_2`, with `content-type: application/grpc`,
+    /// `te: trailers`, the filter's initial metadata as headers and `Host` set to the cluster
+    /// name; its body yields the filter's messages already framed (5-byte gRPC prefix) as the
+    /// filter sends them, and ends when the filter half-closes. Dropping the request body or the
+    /// response (the filter cancelled, its context or VM went away) must reset the stream.
+    ///
+    /// Answer right away with `Err` when the stream cannot be opened at all (the guest gets
+    /// `INTERNAL_FAILURE`); otherwise with a future of the response: its status and headers
+    /// (initial metadata), then a body of DATA frames (messages, possibly split or coalesced
+    /// across frames) and trailers (`grpc-status`, `grpc-message`, trailing metadata). A future
+    /// that fails closes the stream with gRPC status UNAVAILABLE. The host enforces no timeout.
+    /// Default: `Err(CallError::Unsupported)`.
+    fn grpc_stream(
+        &self,
+        cluster: &str,
+        request: http::Request<GrpcRequestBody>,
+    ) -> Result<GrpcStreamFuture, CallError> {
+        let _ = request;
+        Err(CallError::Unsupported(format!(
+            "no gRPC stream client for {cluster}"
+        )))
     }
 
     /// The foreign function named `name`, if any. Default: none (`NOT_FOUND` to the guest).

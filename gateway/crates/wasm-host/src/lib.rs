@@ -11,7 +11,8 @@
 //! - [`NetworkStream`]: one TCP connection through one plugin (a network filter); data
 //!   callbacks answer a [`NetworkDecision`], and [`NetworkStream::resumed`] reports what
 //!   happens while the filter is paused.
-//! - [`HostEnv`]: what the gateway provides (HTTP callouts, foreign functions, logs).
+//! - [`HostEnv`]: what the gateway provides (HTTP callouts, gRPC streams, foreign functions,
+//!   logs).
 //!
 //! See the crate's README for how the gateway drives a stream.
 
@@ -19,6 +20,7 @@ mod abi;
 mod check;
 mod config;
 mod error;
+mod grpc_stream;
 mod headers;
 mod host_env;
 mod memory;
@@ -36,6 +38,7 @@ pub use abi::CallTrailers;
 pub use check::{CheckError, CheckReport, ImportInfo, check_module};
 pub use config::{EngineConfig, FailPolicy, Limits, PluginConfig};
 pub use error::{CallError, PluginError};
+pub use grpc_stream::{GrpcRequestBody, GrpcResponseBody, GrpcStreamCancelled, GrpcStreamFuture};
 pub use host_env::{
     CallResponse, ForeignFunction, ForeignRegistry, HostEnv, NoopEnv, RATE_LIMIT_FUNCTION,
     decode_rate_limit_args, encode_rate_limit_result,

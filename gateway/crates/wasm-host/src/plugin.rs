@@ -32,6 +32,11 @@ pub(crate) enum BgEvent {
     },
     /// Something was enqueued on a queue registered by `context_id`.
     QueueReady { context_id: u32, queue_id: u32 },
+    /// An event of a gRPC stream opened by root context `owner`.
+    Grpc {
+        owner: u32,
+        delivery: crate::grpc_stream::Delivery,
+    },
 }
 
 /// The wasm engine: compiler, module cache, linker with every host function, epoch ticker, and
@@ -349,6 +354,14 @@ impl VmGroup {
                 let r = deliver_callout(vm, &spec, owner, token, *result);
                 self.after_root_call(idx, &mut slot, &spec, r);
             }
+            BgEvent::Grpc { owner, delivery } => {
+                let Some(spec) = self.root_spec(&slot, owner) else {
+                    return;
+                };
+                let Some(vm) = slot.vm.as_mut() else { return };
+                let r = crate::grpc_stream::deliver(vm, &spec, owner, owner, delivery);
+                self.after_root_call(idx, &mut slot, &spec, r);
+            }
             BgEvent::QueueReady {
                 context_id,
                 queue_id,
@@ -448,7 +461,9 @@ impl VmGroup {
                     }
                     Ok(())
                 });
-                vm.store.data_mut().roots.remove(&spec.context_id);
+                let state = vm.store.data_mut();
+                state.roots.remove(&spec.context_id);
+                state.grpc.cancel_owned_by(spec.context_id);
                 if let Err(f) = r {
                     self.mark_failed(idx, &mut slot);
                     tracing::warn!(plugin = %spec.plugin_name, "wasm root context teardown failed: {f}");

@@ -131,6 +131,8 @@ pub(crate) struct StreamCtx {
     pub actions: Actions,
     pub request_headers_changed: bool,
     pub local_reply_sent: bool,
+    /// Events of the gRPC streams this context opened (made with the first one).
+    pub grpc: Option<crate::grpc_stream::Inbox>,
 }
 
 /// The result of a callout, visible to the guest during `proxy_on_http_call_response`.
@@ -196,6 +198,8 @@ pub(crate) struct HostState {
     pub live_callouts: HashMap<u32, CalloutKind>,
     /// The gRPC response message, visible during `proxy_on_grpc_receive` (buffer 5).
     pub grpc_message: Option<Bytes>,
+    /// Open gRPC streams (dropping them resets them) and the metadata of the current callback.
+    pub grpc: crate::grpc_stream::GrpcStreams,
     /// What `proxy_get_status` answers.
     pub last_status: (u32, Bytes),
 }
@@ -222,6 +226,7 @@ impl HostState {
             callout: None,
             live_callouts: HashMap::new(),
             grpc_message: None,
+            grpc: Default::default(),
             last_status: (0, Bytes::new()),
         }
     }

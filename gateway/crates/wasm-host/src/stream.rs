@@ -13,6 +13,7 @@ use http::{HeaderMap, Method, StatusCode};
 
 use crate::config::FailPolicy;
 use crate::error::CallError;
+use crate::grpc_stream::{Delivery, Inbox};
 use crate::host_env::CallResponse;
 use crate::plugin::{Plugin, deliver_callout};
 use crate::state::{Actions, BodyKind, Parked, Phase, StreamCtx};
@@ -281,6 +282,7 @@ impl HttpStream {
             actions: Actions::default(),
             request_headers_changed: false,
             local_reply_sent: false,
+            grpc: None,
         });
         Self {
             plugin,
@@ -491,13 +493,25 @@ impl HttpStream {
         None
     }
 
-    /// Deliver the callouts that already answered (without waiting). Errs when the filter
-    /// failed.
+    /// Deliver the callouts that already answered and the gRPC stream events already there
+    /// (without waiting). Errs when the filter failed.
     pub(crate) fn deliver_callouts(&mut self) -> Result<(), ()> {
         while let Some(Some((token, result))) = self.pending.next().now_or_never() {
             self.deliver(token, result)?;
         }
+        while let Some(d) = self.ctx().grpc.as_mut().and_then(Inbox::try_next) {
+            self.deliver_grpc(d)?;
+        }
         Ok(())
+    }
+
+    /// Deliver one event of a gRPC stream this context opened. Errs when the filter failed.
+    fn deliver_grpc(&mut self, d: Delivery) -> Result<(), ()> {
+        let spec = self.plugin.root.clone();
+        self.invoke(|vm, id, root, _create| {
+            crate::grpc_stream::deliver(vm, &spec, root, id, d).map(|()| 1)
+        })
+        .map(|_| ())
     }
 
     /// Deliver one callout's result into the stream's VM. Errs when the filter failed.
@@ -513,16 +527,19 @@ impl HttpStream {
         .map(|_| ())
     }
 
-    /// Wait for the next thing that may change a waiting stream: a callout answer (delivered
-    /// into the filter), or `waker` (another context acted on the stream: take its actions
-    /// with `sync_parked`). Cancel-safe. Errs when the filter failed.
+    /// Wait for the next thing that may change a waiting stream: a callout answer or an event
+    /// of a gRPC stream the filter opened (delivered into the filter), or `waker` (another
+    /// context acted on the stream: take its actions with `sync_parked`). Cancel-safe. Errs
+    /// when the filter failed.
     pub(crate) async fn wait_event(&mut self, waker: &tokio::sync::Notify) -> Result<(), ()> {
         let callouts = !self.pending.is_empty();
+        let inbox = self.ctx.as_deref_mut().and_then(|c| c.grpc.as_mut());
         tokio::select! {
             next = self.pending.next(), if callouts => match next {
                 Some((token, result)) => self.deliver(token, result),
                 None => Ok(()),
             },
+            d = next_grpc_event(inbox) => self.deliver_grpc(d),
             _ = waker.notified() => Ok(()),
         }
     }
@@ -585,9 +602,9 @@ impl HttpStream {
             if a.local_reply.is_some() || a.close || a.continue_request || a.continue_response {
                 continue;
             }
-            // Wait for a callout or (nothing more coming from the client) like Envoy for a
-            // resume from another context (a timer, a queue, another stream). The gateway's
-            // request timeout bounds the wait.
+            // Wait for a callout, an event of a gRPC stream the filter opened, or (nothing
+            // more coming from the client) like Envoy for a resume from another context (a
+            // timer, a queue, another stream). The gateway's request timeout bounds the wait.
             if self.wait_event(&waker).await.is_err() {
                 return self.failure_decision();
             }
@@ -869,7 +886,10 @@ impl HttpStream {
             if let Some(f) = &ex.delete {
                 f.call(&mut *store, id)?;
             }
-            store.data_mut().streams.remove(&(id as u32));
+            let state = store.data_mut();
+            state.streams.remove(&(id as u32));
+            // The gRPC streams of a context end with it.
+            state.grpc.cancel_owned_by(id as u32);
             Ok(0)
         });
         self.lifecycle = if r.is_ok() {
@@ -908,7 +928,16 @@ fn unreachable_ctx() -> Box<StreamCtx> {
         actions: Actions::default(),
         request_headers_changed: false,
         local_reply_sent: false,
+        grpc: None,
     })
+}
+
+/// The next event of the context's gRPC streams; never, when it opened none.
+async fn next_grpc_event(inbox: Option<&mut Inbox>) -> Delivery {
+    match inbox {
+        Some(inbox) => inbox.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Add actions requested from other contexts to the stream's own.

@@ -1,5 +1,5 @@
 //! HTTP callouts (`proxy_http_call`) and unary gRPC calls (`proxy_grpc_call`), both sent
-//! through [`crate::HostEnv::http_call`]. Streaming gRPC answers INTERNAL_FAILURE.
+//! through [`crate::HostEnv::http_call`]. Streaming gRPC is in `grpc_stream.rs`.
 
 use std::time::Duration;
 
@@ -94,14 +94,7 @@ fn issue(
         }
     });
     let state = c.data_mut();
-    let mut token = state.next_token;
-    loop {
-        token = token.wrapping_add(1).max(1);
-        if !state.live_callouts.contains_key(&token) {
-            break;
-        }
-    }
-    state.next_token = token;
+    let token = next_token(state);
     state.live_callouts.insert(token, kind);
     let owner = state.effective;
     state.new_callouts.push(NewCallout {
@@ -110,6 +103,60 @@ fn issue(
         future,
     });
     token
+}
+
+/// A new callout or gRPC stream token: non-zero, unique among the VM's live callouts and
+/// streams.
+pub(super) fn next_token(state: &mut HostState) -> u32 {
+    let mut token = state.next_token;
+    loop {
+        token = token.wrapping_add(1).max(1);
+        if !state.live_callouts.contains_key(&token) && !state.grpc.contains(token) {
+            break;
+        }
+    }
+    state.next_token = token;
+    token
+}
+
+/// The request head of a gRPC call or stream to `cluster`: `POST /{service}/{method}` over
+/// HTTP/2 with the guest's metadata (pseudo-headers skipped), `content-type:
+/// application/grpc`, `te: trailers` and `Host` = the cluster. Malformed metadata or names are
+/// `PARSE_FAILURE` (a status the SDKs accept here).
+pub(super) fn grpc_request(
+    cluster: &str,
+    service: &str,
+    method: &str,
+    raw_metadata: &[u8],
+) -> Result<http::Request<()>, Status> {
+    let uri: http::Uri = format!("/{service}/{method}")
+        .parse()
+        .map_err(|_| Status::ParseFailure)?;
+    let mut map = http::HeaderMap::new();
+    for (k, v) in headers::deserialize(raw_metadata).map_err(|_| Status::ParseFailure)? {
+        if k.starts_with(b":") {
+            continue;
+        }
+        map.append(
+            headers::name(&k).map_err(|_| Status::ParseFailure)?,
+            headers::value(&v).map_err(|_| Status::ParseFailure)?,
+        );
+    }
+    map.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    map.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    map.insert(
+        http::header::HOST,
+        http::HeaderValue::from_str(cluster).map_err(|_| Status::ParseFailure)?,
+    );
+    let mut request = http::Request::new(());
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = uri;
+    *request.version_mut() = http::Version::HTTP_2;
+    *request.headers_mut() = map;
+    Ok(request)
 }
 
 /// `proxy_grpc_call`: a unary gRPC call sent as an HTTP/2 request through
@@ -137,52 +184,14 @@ fn grpc_call(
         // The SDKs accept INTERNAL_FAILURE and PARSE_FAILURE here, not BAD_ARGUMENT.
         return Err(Status::InternalFailure.into());
     }
-    let uri: http::Uri = format!("/{service}/{method}")
-        .parse()
-        .map_err(|_| Status::ParseFailure)?;
-    let mut map = http::HeaderMap::new();
-    for (k, v) in headers::deserialize(&raw_metadata).map_err(|_| Status::ParseFailure)? {
-        if k.starts_with(b":") {
-            continue;
-        }
-        map.append(
-            headers::name(&k).map_err(|_| Status::ParseFailure)?,
-            headers::value(&v).map_err(|_| Status::ParseFailure)?,
-        );
-    }
-    map.insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/grpc"),
-    );
-    map.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
-    map.insert(
-        http::header::HOST,
-        http::HeaderValue::from_str(&cluster).map_err(|_| Status::ParseFailure)?,
-    );
+    let head = grpc_request(&cluster, &service, &method, &raw_metadata)?;
     let mut body = Vec::with_capacity(5 + message.len());
     body.push(0);
     body.extend_from_slice(&(message.len() as u32).to_be_bytes());
     body.extend_from_slice(&message);
-    let mut request = http::Request::new(Bytes::from(body));
-    *request.method_mut() = http::Method::POST;
-    *request.uri_mut() = uri;
-    *request.version_mut() = http::Version::HTTP_2;
-    *request.headers_mut() = map;
+    let request = head.map(|()| Bytes::from(body));
     let token = issue(c, &cluster, request, timeout_ms, CalloutKind::Grpc);
     memory::write_u32(c, ret_token, token)
-}
-
-/// `proxy_grpc_cancel` / `proxy_grpc_close` of a unary call: forget it (no callback follows).
-fn grpc_forget(c: &mut Caller<'_, HostState>, token: i32) -> HostResult {
-    started(c)?;
-    let state = c.data_mut();
-    match state.live_callouts.get(&(token as u32)) {
-        Some(CalloutKind::Grpc) => {
-            state.live_callouts.remove(&(token as u32));
-            Ok(())
-        }
-        _ => Err(Status::NotFound.into()),
-    }
 }
 
 pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
@@ -241,31 +250,5 @@ pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             ))
         },
     )?;
-    // Streaming gRPC is not supported: INTERNAL_FAILURE (the Rust SDK returns it as an error);
-    // sending on a stream token answers NOT_FOUND.
-    linker.func_wrap(
-        "env",
-        "proxy_grpc_stream",
-        |_c: Caller<'_, HostState>,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32| Ok(Status::InternalFailure.code()),
-    )?;
-    linker.func_wrap(
-        "env",
-        "proxy_grpc_send",
-        |_c: Caller<'_, HostState>, _: i32, _: i32, _: i32, _: i32| Ok(Status::NotFound.code()),
-    )?;
-    for name in ["proxy_grpc_cancel", "proxy_grpc_close"] {
-        linker.func_wrap("env", name, |mut c: Caller<'_, HostState>, token: i32| {
-            finish(grpc_forget(&mut c, token))
-        })?;
-    }
     Ok(())
 }

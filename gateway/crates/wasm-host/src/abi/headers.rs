@@ -1,4 +1,5 @@
-//! Header maps: request/response headers and trailers, callout response headers/trailers.
+//! Header maps: request/response headers and trailers, gRPC stream metadata, callout response
+//! headers/trailers.
 
 use wasmtime::{Caller, Linker};
 
@@ -22,6 +23,12 @@ fn map_of(state: &mut HostState, which: i32) -> Result<Option<MapRef<'_>>, Statu
             }
         }));
     }
+    if which == map::GRPC_INITIAL_METADATA || which == map::GRPC_TRAILING_METADATA {
+        return Ok(state
+            .grpc
+            .metadata(which)
+            .map(|(m, status)| MapRef::ReadOnly(m, status)));
+    }
     let Some(s) = state.stream_mut() else {
         return Ok(None);
     };
@@ -30,7 +37,6 @@ fn map_of(state: &mut HostState, which: i32) -> Result<Option<MapRef<'_>>, Statu
         map::REQUEST_TRAILERS => s.request_trailers.as_mut().map(MapRef::Plain),
         map::RESPONSE_HEADERS => s.response.as_mut().map(MapRef::Response),
         map::RESPONSE_TRAILERS => s.response_trailers.as_mut().map(MapRef::Plain),
-        map::GRPC_INITIAL_METADATA | map::GRPC_TRAILING_METADATA => None,
         _ => None,
     })
 }

@@ -14,6 +14,7 @@ mod buffers;
 mod callouts;
 mod context;
 mod foreign;
+mod grpc_streams;
 mod headers;
 mod metrics;
 mod properties;
@@ -82,6 +83,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
     headers::add(linker)?;
     streams::add(linker)?;
     callouts::add(linker)?;
+    grpc_streams::add(linker)?;
     shared::add(linker)?;
     metrics::add(linker)?;
     properties::add(linker)?;

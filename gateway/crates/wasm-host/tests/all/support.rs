@@ -10,9 +10,13 @@ use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderValue};
 use weir_wasm_host::{
     CallError, CallResponse, Decision, Engine, EngineConfig, FailPolicy, ForeignFunction,
-    ForeignRegistry, HostEnv, HttpStream, LogLevel, Plugin, PluginConfig, RequestHead,
-    ResponseHead, Status, StreamInfo,
+    ForeignRegistry, GrpcRequestBody, GrpcStreamFuture, HostEnv, HttpStream, LogLevel, Plugin,
+    PluginConfig, RequestHead, ResponseHead, Status, StreamInfo,
 };
+
+// A path relative to this file, which the bench includes too.
+#[path = "support/grpc_server.rs"]
+pub mod grpc_server;
 
 fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -35,7 +39,7 @@ fn build_guests() -> &'static PathBuf {
         cmd.current_dir(workspace_root())
             .env("CARGO_TARGET_DIR", &dir)
             .args(["build", "--profile", "wasm", "--target", "wasm32-wasip1"]);
-        for g in ["http", "callout", "bad", "bench", "network"] {
+        for g in ["http", "callout", "bad", "bench", "network", "grpcstream"] {
             cmd.args(["-p", &format!("weir-guest-{g}")]);
         }
         let status = cmd.status().expect("run cargo to build the test guests");
@@ -44,7 +48,7 @@ fn build_guests() -> &'static PathBuf {
     })
 }
 
-/// The bytes of guest `name` (`http`, `callout`, `bad`, `bench`, `network`).
+/// The bytes of guest `name` (`http`, `callout`, `bad`, `bench`, `network`, `grpcstream`).
 pub fn guest(name: &str) -> Arc<[u8]> {
     let path = build_guests().join(format!("weir_guest_{name}.wasm"));
     std::fs::read(&path)
@@ -64,13 +68,15 @@ pub fn engine(replicas: usize) -> Engine {
 
 /// The test host environment: cluster `auth` answers by `x-user` (`alice` → 200 `ok-alice`,
 /// `fail` → reset, `hang` → never answers, anything else → 401); foreign function `weir_test_echo` reverses its
-/// argument; logs are recorded.
+/// argument; logs are recorded. gRPC streams go to the servers of `grpc_clusters`.
 #[derive(Default)]
 pub struct TestEnv {
     /// HTTP callouts answered so far.
     pub answered: Arc<std::sync::atomic::AtomicUsize>,
     pub logs: Mutex<Vec<(String, LogLevel, String)>>,
     pub calls: Mutex<Vec<http::Request<Bytes>>>,
+    /// gRPC clusters (streams only): name → server address.
+    pub grpc_clusters: grpc_server::GrpcClusters,
     foreign: ForeignRegistry,
 }
 
@@ -117,7 +123,17 @@ impl TestEnv {
 
 impl HostEnv for TestEnv {
     fn has_cluster(&self, cluster: &str) -> bool {
-        cluster == "auth"
+        cluster == "auth" || self.grpc_clusters.lock().unwrap().contains_key(cluster)
+    }
+
+    fn grpc_stream(
+        &self,
+        cluster: &str,
+        request: http::Request<GrpcRequestBody>,
+    ) -> Result<GrpcStreamFuture, CallError> {
+        let addr = self.grpc_clusters.lock().unwrap().get(cluster).copied();
+        let addr = addr.ok_or_else(|| CallError::Unsupported(format!("{cluster} has no gRPC")))?;
+        Ok(grpc_server::connect(addr, cluster, request))
     }
 
     fn http_call(
