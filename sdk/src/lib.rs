@@ -1,1 +1,3 @@
 //! Weir SDK for filter authors.
+
+pub mod address;
