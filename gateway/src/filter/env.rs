@@ -17,6 +17,7 @@ use weir_wasm_host::{
 
 use crate::Shared;
 use crate::body::{BoxError, ProxyBody};
+use crate::ratelimit::{QuotaDecision, QuotaLimiters, TooManyQuotas};
 use crate::upstream::cluster::{Cluster, PickContext};
 use crate::upstream::endpoint::Endpoint;
 use crate::upstream::h2pool::H2Pool;
@@ -27,7 +28,10 @@ const CALLOUT_BODY_LIMIT: usize = 1 << 20;
 /// The host environment of one plugin.
 pub struct GatewayEnv {
     shared: Weak<Shared>,
+    /// Buckets of `weir_rate_limit` calls without a quota: the plugin's `rate_limit:`.
     limiter: Arc<DefaultKeyedRateLimiter<Vec<u8>>>,
+    /// Buckets of `weir_rate_limit` calls that carry their own quota.
+    quotas: Arc<QuotaLimiters>,
 }
 
 impl GatewayEnv {
@@ -41,6 +45,7 @@ impl GatewayEnv {
         GatewayEnv {
             shared,
             limiter: Arc::new(DefaultKeyedRateLimiter::keyed(quota)),
+            quotas: Arc::default(),
         }
     }
 }
@@ -202,10 +207,22 @@ impl HostEnv for GatewayEnv {
             return None;
         }
         let limiter = self.limiter.clone();
+        let quotas = self.quotas.clone();
         Some(Arc::new(move |args: &[u8]| {
-            let (cost, key) = weir_wasm_host::decode_rate_limit_args(args)?;
-            let cost = NonZeroU32::new(cost.max(1)).ok_or(Status::BadArgument)?;
-            let key = key.as_bytes().to_vec();
+            let call = weir_wasm_host::decode_rate_limit_request(args)?;
+            if let Some(quota) = call.quota {
+                return match quotas.check(quota, call.key, call.cost) {
+                    Ok(QuotaDecision::Allowed { remaining }) => {
+                        Ok(weir_wasm_host::encode_rate_limit_allowed(remaining))
+                    }
+                    Ok(QuotaDecision::Limited { retry_after }) => {
+                        Ok(weir_wasm_host::encode_rate_limit_result(false, retry_after))
+                    }
+                    Err(TooManyQuotas) => Err(Status::InternalFailure),
+                };
+            }
+            let cost = NonZeroU32::new(call.cost.max(1)).ok_or(Status::BadArgument)?;
+            let key = call.key.as_bytes().to_vec();
             match limiter.check_key_n(&key, cost) {
                 Ok(Ok(())) => Ok(weir_wasm_host::encode_rate_limit_result(
                     true,

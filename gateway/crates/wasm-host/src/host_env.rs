@@ -30,17 +30,100 @@ pub type ForeignFunction = Arc<dyn Fn(&[u8]) -> Result<Bytes, Status> + Send + S
 
 /// The name under which Weir registers its rate limiter as a foreign function.
 ///
-/// Arguments: a little-endian `u32` cost (number of permits, at least 1) followed by the limiter
-/// key (UTF-8, may be empty). Result: one byte, `1` allowed or `0` limited; when limited, a
-/// little-endian `u64` follows with the nanoseconds after which a retry may succeed.
+/// Arguments, in one of two forms (both start with a little-endian `u32` cost, the number of
+/// permits; 0 counts as 1):
+///
+/// - `cost`, then the limiter key (UTF-8, may be empty): the quota is the plugin's `rate_limit:`
+///   setting in the gateway config.
+/// - `cost`, the byte [`RATE_LIMIT_QUOTA_MARKER`] (`0xFF`, which never occurs in UTF-8), the
+///   caller's own quota — `u32` requests, `u64` period in nanoseconds, `u32` burst, all
+///   little-endian — then the key. Each distinct quota has its own buckets.
+///
+/// Result: one byte, `1` allowed or `0` limited. When limited, a little-endian `u64` follows with
+/// the nanoseconds after which a retry may succeed. When allowed and the call carried a quota, a
+/// little-endian `u32` may follow with the permits left in the bucket (callers must accept `[1]`
+/// alone).
 pub const RATE_LIMIT_FUNCTION: &str = "weir_rate_limit";
 
-/// Decode the arguments of [`RATE_LIMIT_FUNCTION`]: `(cost, key)`. A cost of 0 counts as 1.
+/// The byte after the cost that says a [`RATE_LIMIT_FUNCTION`] call carries its own quota.
+pub const RATE_LIMIT_QUOTA_MARKER: u8 = 0xFF;
+
+/// A token-bucket quota, as carried by a [`RATE_LIMIT_FUNCTION`] call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RateLimitQuota {
+    /// Permits added per `per` (at least 1).
+    pub requests: u32,
+    /// The refill period (not zero).
+    pub per: Duration,
+    /// Bucket size: permits that may be taken at once (at least 1).
+    pub burst: u32,
+}
+
+/// A decoded [`RATE_LIMIT_FUNCTION`] call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitRequest<'a> {
+    /// Permits to take (at least 1).
+    pub cost: u32,
+    /// The caller's quota, `None` for the plugin's configured one.
+    pub quota: Option<RateLimitQuota>,
+    /// The bucket key.
+    pub key: &'a str,
+}
+
+/// Decode the arguments of [`RATE_LIMIT_FUNCTION`] in the original form only: `(cost, key)`. A
+/// cost of 0 counts as 1; a call carrying a quota answers `BAD_ARGUMENT` (use
+/// [`decode_rate_limit_request`] to accept both forms).
 pub fn decode_rate_limit_args(args: &[u8]) -> Result<(u32, &str), Status> {
     let (cost, key) = args.split_at_checked(4).ok_or(Status::BadArgument)?;
     let cost = u32::from_le_bytes([cost[0], cost[1], cost[2], cost[3]]).max(1);
     let key = std::str::from_utf8(key).map_err(|_| Status::BadArgument)?;
     Ok((cost, key))
+}
+
+/// Decode the arguments of [`RATE_LIMIT_FUNCTION`] in either form. `BAD_ARGUMENT` when they are
+/// too short, the key is not UTF-8, or the quota has a zero field.
+pub fn decode_rate_limit_request(args: &[u8]) -> Result<RateLimitRequest<'_>, Status> {
+    if args.get(4) != Some(&RATE_LIMIT_QUOTA_MARKER) {
+        let (cost, key) = decode_rate_limit_args(args)?;
+        return Ok(RateLimitRequest {
+            cost,
+            quota: None,
+            key,
+        });
+    }
+    let (head, key) = args.split_at_checked(21).ok_or(Status::BadArgument)?;
+    let u32_at = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+    let mut per = [0u8; 8];
+    per.copy_from_slice(&head[9..17]);
+    let quota = RateLimitQuota {
+        requests: u32_at(5),
+        per: Duration::from_nanos(u64::from_le_bytes(per)),
+        burst: u32_at(17),
+    };
+    if quota.requests == 0 || quota.burst == 0 || quota.per.is_zero() {
+        return Err(Status::BadArgument);
+    }
+    Ok(RateLimitRequest {
+        cost: u32_at(0).max(1),
+        quota: Some(quota),
+        key: std::str::from_utf8(key).map_err(|_| Status::BadArgument)?,
+    })
+}
+
+/// Encode the arguments of a [`RATE_LIMIT_FUNCTION`] call (the form with a quota when `quota`
+/// is given); the inverse of [`decode_rate_limit_request`].
+pub fn encode_rate_limit_request(cost: u32, quota: Option<RateLimitQuota>, key: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(21 + key.len());
+    out.extend_from_slice(&cost.to_le_bytes());
+    if let Some(q) = quota {
+        out.push(RATE_LIMIT_QUOTA_MARKER);
+        out.extend_from_slice(&q.requests.to_le_bytes());
+        let per = u64::try_from(q.per.as_nanos()).unwrap_or(u64::MAX);
+        out.extend_from_slice(&per.to_le_bytes());
+        out.extend_from_slice(&q.burst.to_le_bytes());
+    }
+    out.extend_from_slice(key.as_bytes());
+    out
 }
 
 /// Encode the result of [`RATE_LIMIT_FUNCTION`]: `[1]` when allowed, else `[0]` followed by the
@@ -52,6 +135,15 @@ pub fn encode_rate_limit_result(allowed: bool, retry_after: Duration) -> Bytes {
     let mut out = Vec::with_capacity(9);
     out.push(0);
     out.extend_from_slice(&(retry_after.as_nanos().min(u128::from(u64::MAX)) as u64).to_le_bytes());
+    Bytes::from(out)
+}
+
+/// Encode an "allowed" result of a [`RATE_LIMIT_FUNCTION`] call that carried a quota: `[1]`
+/// followed by the permits left (u32 little-endian).
+pub fn encode_rate_limit_allowed(remaining: u32) -> Bytes {
+    let mut out = Vec::with_capacity(5);
+    out.push(1);
+    out.extend_from_slice(&remaining.to_le_bytes());
     Bytes::from(out)
 }
 
@@ -189,3 +281,84 @@ pub trait HostEnv: Send + Sync + 'static {
 pub struct NoopEnv;
 
 impl HostEnv for NoopEnv {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_calls_of_both_forms_decode() {
+        let old = encode_rate_limit_request(0, None, "client-1");
+        assert_eq!(old, b"\0\0\0\0client-1");
+        assert_eq!(decode_rate_limit_args(&old), Ok((1, "client-1")));
+        assert_eq!(
+            decode_rate_limit_request(&old),
+            Ok(RateLimitRequest {
+                cost: 1,
+                quota: None,
+                key: "client-1"
+            })
+        );
+        let quota = RateLimitQuota {
+            requests: 100,
+            per: Duration::from_millis(500),
+            burst: 7,
+        };
+        let new = encode_rate_limit_request(2, Some(quota), "k");
+        assert_eq!(new.len(), 22);
+        assert_eq!(
+            decode_rate_limit_request(&new),
+            Ok(RateLimitRequest {
+                cost: 2,
+                quota: Some(quota),
+                key: "k"
+            })
+        );
+        // The original decoder refuses the new form instead of misreading it.
+        assert_eq!(decode_rate_limit_args(&new), Err(Status::BadArgument));
+        // An empty key is valid in both forms.
+        assert_eq!(decode_rate_limit_request(&new[..21]).unwrap().key, "");
+        assert_eq!(decode_rate_limit_request(&old[..4]).unwrap().key, "");
+    }
+
+    #[test]
+    fn malformed_rate_limit_calls_are_bad_arguments() {
+        assert_eq!(
+            decode_rate_limit_request(b"\x01\0\0"),
+            Err(Status::BadArgument)
+        );
+        let quota = RateLimitQuota {
+            requests: 1,
+            per: Duration::from_secs(1),
+            burst: 1,
+        };
+        let good = encode_rate_limit_request(1, Some(quota), "");
+        assert_eq!(
+            decode_rate_limit_request(&good[..20]),
+            Err(Status::BadArgument),
+            "truncated quota"
+        );
+        for zeroed in [5..9, 9..17, 17..21] {
+            let mut bad = good.clone();
+            bad[zeroed].fill(0);
+            assert_eq!(decode_rate_limit_request(&bad), Err(Status::BadArgument));
+        }
+        let mut bad = good.clone();
+        bad.push(0xC3);
+        assert_eq!(
+            decode_rate_limit_request(&bad),
+            Err(Status::BadArgument),
+            "not UTF-8"
+        );
+    }
+
+    #[test]
+    fn rate_limit_results() {
+        assert_eq!(&encode_rate_limit_result(true, Duration::ZERO)[..], [1]);
+        assert_eq!(&encode_rate_limit_allowed(3)[..], [1, 3, 0, 0, 0]);
+        let limited = encode_rate_limit_result(false, Duration::from_nanos(258));
+        assert_eq!(&limited[..], [0, 2, 1, 0, 0, 0, 0, 0, 0]);
+        let forever = encode_rate_limit_result(false, Duration::MAX);
+        assert_eq!(&forever[1..], u64::MAX.to_le_bytes());
+    }
+}

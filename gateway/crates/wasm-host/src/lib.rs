@@ -41,11 +41,14 @@ pub use error::{CallError, PluginError};
 pub use grpc_stream::{GrpcRequestBody, GrpcResponseBody, GrpcStreamCancelled, GrpcStreamFuture};
 pub use host_env::{
     CallResponse, ForeignFunction, ForeignRegistry, HostEnv, NoopEnv, RATE_LIMIT_FUNCTION,
-    decode_rate_limit_args, encode_rate_limit_result,
+    RATE_LIMIT_QUOTA_MARKER, RateLimitQuota, RateLimitRequest, decode_rate_limit_args,
+    decode_rate_limit_request, encode_rate_limit_allowed, encode_rate_limit_request,
+    encode_rate_limit_result,
 };
 pub use metrics::{
-    Histogram, HistogramSnapshot, MetricSample, MetricValue, PluginStats, StatsSnapshot,
-    filter_metrics, prometheus_name, render_filter_metrics, render_plugin_stats,
+    Histogram, HistogramSnapshot, MetricSample, MetricValue, PluginStats, PrometheusName,
+    StatsSnapshot, filter_metrics, prometheus_metric_name, prometheus_name, render_filter_metrics,
+    render_plugin_stats,
 };
 pub use network::{Direction, NetworkDecision, NetworkEvent, NetworkStream, PeerType};
 pub use plugin::{Engine, Plugin};
