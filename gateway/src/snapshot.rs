@@ -55,6 +55,15 @@ pub struct ListenerSpec {
     pub proxy_protocol: bool,
     /// Limits.
     pub limits: Limits,
+    /// TCP proxying, for a `protocol: tcp` listener (`None`: HTTP).
+    pub tcp: Option<TcpProxySpec>,
+}
+
+/// Where a TCP listener's connections go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpProxySpec {
+    /// The upstream cluster's name (looked up in the snapshot of each new connection).
+    pub cluster: String,
 }
 
 impl std::fmt::Debug for ListenerSpec {
@@ -63,6 +72,7 @@ impl std::fmt::Debug for ListenerSpec {
             .field("name", &self.name)
             .field("address", &self.address)
             .field("tls", &self.tls.is_some())
+            .field("tcp", &self.tcp)
             .finish_non_exhaustive()
     }
 }

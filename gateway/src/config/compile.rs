@@ -27,7 +27,7 @@ use crate::route::matcher::{Conditions, HostPattern, PathCond, ValueCond};
 use crate::route::table::{
     Action, Backend, HeaderEdits, RedirectAction, Rewrite, Route, RouteTable, WeightedBackends,
 };
-use crate::snapshot::{DemoSpec, Limits, ListenerSpec, Snapshot};
+use crate::snapshot::{DemoSpec, Limits, ListenerSpec, Snapshot, TcpProxySpec};
 use crate::telemetry::access_log::{AccessLog, DEFAULT_FORMAT, Format};
 use crate::telemetry::metrics::Registry;
 use crate::upstream::cluster::{
@@ -354,6 +354,7 @@ pub fn check(
     // Listeners.
     let mut listeners = Vec::new();
     let mut listener_names = HashSet::new();
+    let mut tcp_listeners = HashSet::new();
     let mut addresses = HashSet::new();
     for l in &cfg.listeners {
         let name = l.name.value.clone();
@@ -401,6 +402,12 @@ pub fn check(
                 }
                 crate::tls::SniResolver::new(named).and_then(|r| {
                     match crate::tls::server_config(r) {
+                        // A TCP listener proxies bytes: it offers no application protocol.
+                        Ok(cfg) if is_tcp(l) => {
+                            let mut cfg = (*cfg).clone();
+                            cfg.alpn_protocols.clear();
+                            Some(Arc::new(cfg))
+                        }
                         Ok(cfg) => Some(cfg),
                         Err(e) => {
                             c.err(&l.name.referenced, format!("listeners[{name}].tls: {e}"));
@@ -440,12 +447,17 @@ pub fn check(
                 format!("listeners[{name}].limits: limits must be positive"),
             );
         }
+        let tcp = check_tcp_proxy(&mut c, l, &cfg.clusters);
+        if tcp.is_some() {
+            tcp_listeners.insert(name.clone());
+        }
         listeners.push(ListenerSpec {
             name: name.as_str().into(),
             address,
             tls,
             proxy_protocol: l.proxy_protocol,
             limits,
+            tcp,
         });
     }
 
@@ -468,6 +480,14 @@ pub fn check(
                 c.err(
                     &l.referenced,
                     format!("routes[{name}].listeners: unknown listener `{}`", l.value),
+                );
+            } else if tcp_listeners.contains(&l.value) {
+                c.err(
+                    &l.referenced,
+                    format!(
+                        "routes[{name}].listeners: `{}` is a tcp listener; routes apply to http listeners",
+                        l.value
+                    ),
                 );
             }
         }
@@ -945,6 +965,87 @@ pub fn check(
     }
 }
 
+/// Whether a listener is declared `protocol: tcp`.
+fn is_tcp(l: &schema::Listener) -> bool {
+    l.protocol.as_ref().is_some_and(|p| p.value == "tcp")
+}
+
+/// Check a listener's `protocol` and `tcp_proxy`; the TCP proxy spec of a `tcp` listener.
+fn check_tcp_proxy(
+    c: &mut Checker<'_>,
+    l: &schema::Listener,
+    clusters: &[schema::Cluster],
+) -> Option<TcpProxySpec> {
+    let name = &l.name.value;
+    let protocol = l
+        .protocol
+        .as_ref()
+        .map(|p| (p.value.as_str(), p.referenced));
+    match protocol {
+        None | Some(("http", _)) => {
+            if let Some(t) = &l.tcp_proxy {
+                c.err(
+                    &t.cluster.referenced,
+                    format!("listeners[{name}].tcp_proxy: only for `protocol: tcp` listeners"),
+                );
+            }
+            None
+        }
+        Some(("tcp", at)) => {
+            let lim = &l.limits;
+            if lim.max_request_headers_bytes.is_some()
+                || lim.max_request_headers.is_some()
+                || lim.max_concurrent_streams.is_some()
+                || lim.allow_underscores_in_headers.is_some()
+            {
+                c.err(
+                    &l.name.referenced,
+                    format!(
+                        "listeners[{name}].limits: max_request_headers_bytes, max_request_headers, max_concurrent_streams and allow_underscores_in_headers apply to http listeners only"
+                    ),
+                );
+            }
+            let Some(t) = &l.tcp_proxy else {
+                c.err(
+                    &at,
+                    format!("listeners[{name}].tcp_proxy: required with `protocol: tcp`"),
+                );
+                return None;
+            };
+            let cluster = &t.cluster;
+            match clusters.iter().find(|cl| cl.name.value == cluster.value) {
+                None => c.err(
+                    &cluster.referenced,
+                    format!(
+                        "listeners[{name}].tcp_proxy.cluster: unknown cluster `{}`",
+                        cluster.value
+                    ),
+                ),
+                Some(cl) if cl.tls.is_some() => c.err(
+                    &cluster.referenced,
+                    format!(
+                        "listeners[{name}].tcp_proxy.cluster: cluster `{}` has `tls`, which tcp_proxy does not support (TLS to upstreams is HTTP-only)",
+                        cluster.value
+                    ),
+                ),
+                Some(_) => {}
+            }
+            Some(TcpProxySpec {
+                cluster: cluster.value.clone(),
+            })
+        }
+        Some((other, at)) => {
+            c.err(
+                &at,
+                format!(
+                    "listeners[{name}].protocol: unknown protocol `{other}`: expected http or tcp"
+                ),
+            );
+            None
+        }
+    }
+}
+
 fn check_path(c: &mut Checker<'_>, p: &S<String>, route: &str) {
     if !p.value.starts_with('/') {
         c.err(
@@ -1126,7 +1227,7 @@ impl Checked {
             built.push((p.listeners, p.hosts, Arc::new(route)));
         }
         let mut tables = HashMap::new();
-        for l in &self.listeners {
+        for l in self.listeners.iter().filter(|l| l.tcp.is_none()) {
             let routes: Vec<(Vec<HostPattern>, Arc<Route>)> = built
                 .iter()
                 .filter(|(ls, _, _)| ls.is_empty() || ls.iter().any(|n| **n == *l.name))
@@ -1153,6 +1254,13 @@ impl Checked {
         let route_names: Vec<&str> = built.iter().map(|(_, _, r)| &*r.name).collect();
         let cluster_names: Vec<&str> = clusters.keys().map(String::as_str).collect();
         registry.retain(&route_names, &cluster_names);
+        let tcp_names: Vec<&str> = self
+            .listeners
+            .iter()
+            .filter(|l| l.tcp.is_some())
+            .map(|l| &*l.name)
+            .collect();
+        registry.retain_tcp(&tcp_names);
         Ok(Snapshot {
             version,
             tables,

@@ -138,7 +138,15 @@ pub struct Listener {
     pub name: S<String>,
     /// `IP:PORT` to bind, e.g. `0.0.0.0:8443`. Port 0 picks a free port.
     pub address: S<String>,
+    /// What the listener serves: `http` (HTTP/1.1, HTTP/2 by ALPN, h2c; routed by `routes`) or
+    /// `tcp` (every connection is proxied as bytes to `tcp_proxy.cluster`, Envoy's
+    /// `tcp_proxy`). Default: `http`.
+    pub protocol: Option<S<String>>,
+    /// Where a `tcp` listener sends its connections. Required with `protocol: tcp`, not
+    /// allowed otherwise.
+    pub tcp_proxy: Option<TcpProxy>,
     /// Terminate TLS on this listener. Default: plain TCP (HTTP/1.1 and h2c prior knowledge).
+    /// On a `tcp` listener, the decrypted bytes are proxied (no ALPN is offered).
     pub tls: Option<ListenerTls>,
     /// Expect a PROXY protocol header (v1 or v2) from a load balancer before each connection.
     /// Default: `false`.
@@ -148,9 +156,24 @@ pub struct Listener {
     #[serde(default)]
     pub limits: ListenerLimits,
     /// Filters (plugin names, or `{ plugin, config }` to override the configuration) run for
-    /// every request on this listener, before the route's filters. Default: none.
+    /// every request on this listener, before the route's filters. On a `tcp` listener these
+    /// are network filters, run for every connection (`proxy_on_new_connection`,
+    /// `proxy_on_downstream_data`, ...): downstream bytes pass them in order, upstream bytes
+    /// in reverse order. Default: none.
     #[serde(default)]
     pub filters: Vec<FilterRef>,
+}
+
+/// TCP proxying (Envoy's `tcp_proxy`): each downstream connection is connected to one
+/// endpoint of the cluster, picked by its load balancer (skipping unhealthy and ejected
+/// endpoints), with the cluster's `connect_timeout` and connection circuit breakers. The
+/// connection closes after the listener's `limits.idle_timeout` without bytes in either
+/// direction.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TcpProxy {
+    /// The upstream cluster (plain TCP: a cluster with `tls` is not supported here).
+    pub cluster: S<String>,
 }
 
 /// TLS termination settings.
@@ -179,20 +202,23 @@ pub struct Certificate {
 #[derive(Debug, Deserialize, Default, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerLimits {
-    /// Maximum total size of request headers. Default: `60 KiB` (61440).
+    /// Maximum total size of request headers (HTTP listeners only). Default: `60 KiB` (61440).
     pub max_request_headers_bytes: Option<usize>,
-    /// Maximum number of request headers. Default: `100`.
+    /// Maximum number of request headers (HTTP listeners only). Default: `100`.
     pub max_request_headers: Option<usize>,
-    /// Time allowed to receive a request's headers (slowloris protection). Default: `10s`.
+    /// Time allowed to receive a request's headers (slowloris protection); on every listener
+    /// also the time allowed for the PROXY protocol header and the TLS handshake.
+    /// Default: `10s`.
     pub request_header_timeout: Option<Duration>,
-    /// Close a downstream connection idle for this long. Default: `300s`.
+    /// Close a downstream connection idle for this long (HTTP: no request in flight; TCP: no
+    /// bytes in either direction). Default: `300s`.
     pub idle_timeout: Option<Duration>,
     /// Maximum concurrent connections on this listener. Default: `100000`.
     pub max_connections: Option<usize>,
-    /// HTTP/2 maximum concurrent streams per connection. Default: `100`.
+    /// HTTP/2 maximum concurrent streams per connection (HTTP listeners only). Default: `100`.
     pub max_concurrent_streams: Option<u32>,
-    /// Accept header names containing `_`. Default: `false` (rejected with 400, Envoy's edge
-    /// setting).
+    /// Accept header names containing `_` (HTTP listeners only). Default: `false` (rejected
+    /// with 400, Envoy's edge setting).
     pub allow_underscores_in_headers: Option<bool>,
 }
 
@@ -628,8 +654,9 @@ pub struct Plugin {
     /// whose routes or hosts match the request replaces `config`. Default: none.
     #[serde(default)]
     pub match_rules: Vec<MatchRule>,
-    /// The quota of the `weir_rate_limit` foreign function for this plugin. Default: 100
-    /// requests per second, burst 100.
+    /// The quota of the `weir_rate_limit` foreign function for this plugin's calls that carry
+    /// no quota of their own. `builtin:ratelimit` passes its own `requests`/`per`/`burst` with
+    /// every call, so this does not apply to it. Default: 100 requests per second, burst 100.
     pub rate_limit: Option<ForeignRateLimit>,
 }
 

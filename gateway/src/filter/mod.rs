@@ -1,10 +1,12 @@
 //! proxy-wasm filters on the request path: compiled plugins (`weir-wasm-host`), the chains of
 //! listeners and routes, the gateway's side of the host (`env.rs`), module loading
-//! (`module.rs`) and driving a request and its response through a chain (`chain.rs`).
+//! (`module.rs`), driving a request and its response through a chain (`chain.rs`) and a TCP
+//! connection through network filters (`network.rs`).
 
 pub mod chain;
 pub mod env;
 pub mod module;
+pub mod network;
 
 use std::collections::HashMap;
 use std::sync::Arc;

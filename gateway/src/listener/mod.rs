@@ -1,6 +1,7 @@
 //! Listeners: accept TCP connections, read the PROXY header, terminate TLS, and serve HTTP/1.1,
-//! HTTP/2 (ALPN) and h2c with the listener's limits. Listeners are added, removed and changed on
-//! reload without touching connections already open.
+//! HTTP/2 (ALPN) and h2c with the listener's limits, or hand the connection to the TCP proxy
+//! (`protocol: tcp`, `proxy/tcp.rs`). Listeners are added, removed and changed on reload
+//! without touching connections already open (each keeps the config it was accepted with).
 
 pub mod h1_guard;
 pub mod proxy_protocol;
@@ -236,8 +237,14 @@ async fn handle_connection(
         }
     }
     static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    if let Some(tcp) = spec.tcp.clone() {
+        let downstream = crate::proxy::tcp::Downstream { id, remote, local };
+        return crate::proxy::tcp::serve(shared, spec, tcp, stream, downstream, listener_stopped)
+            .await;
+    }
     let mut conn = ConnInfo {
-        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        id,
         client_ip_value: http::HeaderValue::from_str(&remote.ip().to_string())
             .expect("an IP is a valid header value"),
         remote,

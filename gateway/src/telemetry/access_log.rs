@@ -215,7 +215,8 @@ impl Format {
     }
 }
 
-/// What one access-log line is made from.
+/// What one access-log line is made from. For a TCP connection the request fields are empty
+/// (logged as `-`), `code` is 0, `protocol` is `-` and the byte counts are the connection's.
 pub struct Entry<'a> {
     /// When the request started.
     pub start: SystemTime,
@@ -269,12 +270,16 @@ fn header_value<'a>(
     response: bool,
 ) -> Option<std::borrow::Cow<'a, str>> {
     use std::borrow::Cow;
+    // Empty for a TCP connection (no request): logged as `-`, as Envoy does.
+    let text = |s: &'a str| (!s.is_empty()).then_some(Cow::Borrowed(s));
     match key {
-        HeaderKey::Method if !response => Some(Cow::Borrowed(entry.method)),
-        HeaderKey::Path if !response => Some(Cow::Borrowed(entry.path)),
-        HeaderKey::Authority if !response => Some(Cow::Borrowed(entry.authority)),
-        HeaderKey::Scheme if !response => Some(Cow::Borrowed(entry.scheme)),
-        HeaderKey::Status if response => Some(Cow::Owned(entry.code.to_string())),
+        HeaderKey::Method if !response => text(entry.method),
+        HeaderKey::Path if !response => text(entry.path),
+        HeaderKey::Authority if !response => text(entry.authority),
+        HeaderKey::Scheme if !response => text(entry.scheme),
+        HeaderKey::Status if response && entry.code != 0 => {
+            Some(Cow::Owned(entry.code.to_string()))
+        }
         HeaderKey::Name(n) => {
             let map = if response {
                 entry.response_headers?

@@ -116,6 +116,21 @@ pub struct ClusterStats {
     pub ejections: AtomicU64,
 }
 
+/// Per-listener statistics of a `tcp` listener.
+#[derive(Debug, Default)]
+pub struct TcpStats {
+    /// Connections accepted.
+    pub connections: AtomicU64,
+    /// Connections open now.
+    pub active: AtomicU64,
+    /// Bytes received from downstream clients.
+    pub received_bytes: AtomicU64,
+    /// Bytes sent to downstream clients.
+    pub sent_bytes: AtomicU64,
+    /// Connections closed because no upstream connection could be made.
+    pub upstream_failures: AtomicU64,
+}
+
 /// Process-wide counters not tied to a route or cluster.
 #[derive(Debug, Default)]
 pub struct GlobalStats {
@@ -144,6 +159,7 @@ pub struct GlobalStats {
 pub struct Registry {
     routes: Mutex<BTreeMap<String, Arc<RouteStats>>>,
     clusters: Mutex<BTreeMap<String, Arc<ClusterStats>>>,
+    tcp: Mutex<BTreeMap<String, Arc<TcpStats>>>,
     /// Global counters.
     pub global: GlobalStats,
 }
@@ -167,6 +183,24 @@ impl Registry {
             .entry(name.to_string())
             .or_default()
             .clone()
+    }
+
+    /// Stats of a `tcp` listener (created on first use).
+    pub fn tcp(&self, listener: &str) -> Arc<TcpStats> {
+        self.tcp
+            .lock()
+            .expect("stats lock")
+            .entry(listener.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Forget stats of `tcp` listeners no longer configured (open connections keep theirs).
+    pub fn retain_tcp(&self, listeners: &[&str]) {
+        self.tcp
+            .lock()
+            .expect("stats lock")
+            .retain(|k, _| listeners.contains(&k.as_str()));
     }
 
     /// Forget stats of routes and clusters no longer configured.
@@ -317,16 +351,8 @@ impl Registry {
                 |s| &s.ejections,
             ),
         ];
-        for (metric, help, field) in &cluster_counters {
-            let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");
-            for (name, s) in &clusters {
-                let _ = writeln!(
-                    out,
-                    "{metric}{{cluster=\"{}\"}} {}",
-                    escape(name),
-                    field(s).load(Ordering::Relaxed)
-                );
-            }
+        for (metric, help, field) in cluster_counters {
+            render_family(out, (metric, "counter", help), "cluster", &clusters, field);
         }
         let _ = writeln!(
             out,
@@ -339,6 +365,64 @@ impl Registry {
                 &format!("cluster=\"{}\"", escape(name)),
             );
         }
+
+        let tcp = self.tcp.lock().expect("stats lock").clone();
+        type TcpField = fn(&TcpStats) -> &AtomicU64;
+        let tcp_figures: [(&str, &str, &str, TcpField); 5] = [
+            (
+                "weir_tcp_connections_total",
+                "counter",
+                "Connections accepted by tcp listener.",
+                |s| &s.connections,
+            ),
+            (
+                "weir_tcp_connections_active",
+                "gauge",
+                "Open connections by tcp listener.",
+                |s| &s.active,
+            ),
+            (
+                "weir_tcp_received_bytes_total",
+                "counter",
+                "Bytes received from downstream clients by tcp listener.",
+                |s| &s.received_bytes,
+            ),
+            (
+                "weir_tcp_sent_bytes_total",
+                "counter",
+                "Bytes sent to downstream clients by tcp listener.",
+                |s| &s.sent_bytes,
+            ),
+            (
+                "weir_tcp_upstream_failures_total",
+                "counter",
+                "Connections closed because no upstream connection could be made.",
+                |s| &s.upstream_failures,
+            ),
+        ];
+        for (metric, kind, help, field) in tcp_figures {
+            render_family(out, (metric, kind, help), "listener", &tcp, field);
+        }
+    }
+}
+
+/// One family of per-name figures: `# HELP`, `# TYPE` (`kind`), then `metric{label="NAME"}
+/// value` for each of `stats`.
+fn render_family<T>(
+    out: &mut String,
+    (metric, kind, help): (&str, &str, &str),
+    label: &str,
+    stats: &BTreeMap<String, Arc<T>>,
+    field: fn(&T) -> &AtomicU64,
+) {
+    let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+    for (name, s) in stats {
+        let _ = writeln!(
+            out,
+            "{metric}{{{label}=\"{}\"}} {}",
+            escape(name),
+            field(s).load(Ordering::Relaxed)
+        );
     }
 }
 

@@ -216,6 +216,19 @@ impl Cluster {
         cluster
     }
 
+    /// A connector to this cluster's endpoints for raw TCP connections (`tcp_proxy`): the
+    /// cluster's connect timeout, TLS settings and connection circuit breakers, counted with
+    /// its HTTP connections.
+    pub fn connector(&self) -> UpstreamConnector {
+        UpstreamConnector {
+            connect_timeout: self.spec.connect_timeout,
+            tls: self.spec.tls.clone(),
+            max_connections: self.spec.max_connections,
+            max_pending: self.spec.max_pending_requests,
+            counts: self.connections.clone(),
+        }
+    }
+
     /// The configuration it was built from.
     pub fn spec(&self) -> &ClusterSpec {
         &self.spec

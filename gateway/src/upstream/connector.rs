@@ -97,6 +97,20 @@ impl Drop for PendingGuard<'_> {
 
 impl UpstreamConnector {
     async fn connect(&self, uri: Uri) -> Result<UpstreamStream, ConnectError> {
+        let authority = uri.authority().ok_or(ConnectError::BadAddress)?;
+        let addr: std::net::SocketAddr = authority
+            .as_str()
+            .parse()
+            .map_err(|_| ConnectError::BadAddress)?;
+        self.connect_addr(addr).await
+    }
+
+    /// Open a connection to `addr` with the connect timeout, TLS and circuit breakers of this
+    /// connector (also used directly for TCP proxying).
+    pub async fn connect_addr(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> Result<UpstreamStream, ConnectError> {
         let counts = &self.counts;
         // Reserve the connection slot before connecting, so concurrent connects cannot overshoot.
         if counts.open.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
@@ -109,19 +123,18 @@ impl UpstreamConnector {
             return Err(ConnectError::Overflow);
         }
         let _pending = PendingGuard(&counts.pending);
-        let result = self.open(&uri, slot).await;
+        let result = self.open(addr, slot).await;
         if result.is_err() {
             counts.failures.fetch_add(1, Ordering::Relaxed);
         }
         result
     }
 
-    async fn open(&self, uri: &Uri, slot: ConnGuard) -> Result<UpstreamStream, ConnectError> {
-        let authority = uri.authority().ok_or(ConnectError::BadAddress)?;
-        let addr: std::net::SocketAddr = authority
-            .as_str()
-            .parse()
-            .map_err(|_| ConnectError::BadAddress)?;
+    async fn open(
+        &self,
+        addr: std::net::SocketAddr,
+        slot: ConnGuard,
+    ) -> Result<UpstreamStream, ConnectError> {
         let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| ConnectError::Timeout)??;

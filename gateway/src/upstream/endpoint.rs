@@ -38,6 +38,16 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
+/// Counts a long-lived use of an endpoint (a proxied TCP connection) as a request in flight
+/// until dropped, for the least-request balancer.
+pub struct ActiveConnection(std::sync::Arc<Endpoint>);
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 fn epoch() -> Instant {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
@@ -85,6 +95,12 @@ impl Endpoint {
     pub fn start_request(&self) -> ActiveGuard<'_> {
         self.active.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(self)
+    }
+
+    /// Count a connection in flight until the guard drops.
+    pub fn start_connection(self: &std::sync::Arc<Self>) -> ActiveConnection {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveConnection(self.clone())
     }
 
     /// Whether active health checking considers it healthy.

@@ -4,7 +4,9 @@ use std::process::Command;
 
 use crate::support::*;
 
-fn validate(yaml: &str) -> (i32, String, String) {
+/// Run `weir validate` on `yaml`: exit code, stderr (the file's path replaced by `FILE`),
+/// stdout.
+pub(crate) fn validate(yaml: &str) -> (i32, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");
     std::fs::write(&path, yaml).unwrap();

@@ -393,7 +393,7 @@ pub fn guest(name: &str) -> PathBuf {
         cmd.current_dir(&root)
             .env("CARGO_TARGET_DIR", &target)
             .args(["build", "--profile", "wasm", "--target", "wasm32-wasip1"]);
-        for g in ["http", "callout", "bad", "bench", "grpcstream"] {
+        for g in ["http", "callout", "bad", "bench", "grpcstream", "network"] {
             cmd.args(["-p", &format!("weir-guest-{g}")]);
         }
         assert!(
