@@ -228,6 +228,9 @@ impl Connection {
         let mut shutdown = self.shared.shutdown.subscribe();
         let mut listener_stopped = self.listener_stopped.clone();
         let idle_timeout = self.spec.limits.idle_timeout;
+        // One timer, moved forward only when it fires early (not on every byte).
+        let idle = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle);
 
         let mut flow = Some((Direction::Downstream, chain.start()));
         let closed_by_filter = loop {
@@ -277,7 +280,6 @@ impl Connection {
             let write_down = !down.out.is_empty() || (down.shutdown_wanted && !down.shut);
             down_buf.reserve(READ_CHUNK);
             up_buf.reserve(READ_CHUNK);
-            let idle_at = last_activity + idle_timeout;
             let event = tokio::select! {
                 r = reader.read_buf(&mut down_buf), if read_down => Event::DownRead(r),
                 r = async {
@@ -291,7 +293,7 @@ impl Connection {
                     connecting.as_mut().expect("connecting").await
                 }, if connecting.is_some() => Event::Connected(r),
                 (i, e) = chain.next_event() => Event::Filter(i, e),
-                _ = tokio::time::sleep_until(idle_at.into()) => Event::Idle,
+                _ = idle.as_mut() => Event::Idle,
                 _ = crate::flag_set(&mut shutdown), if drain_at.is_none() => Event::Drain,
                 _ = crate::flag_set(&mut listener_stopped), if drain_at.is_none() => Event::Drain,
                 _ = async {
@@ -375,6 +377,11 @@ impl Connection {
                     break true;
                 }
                 Event::Idle => {
+                    let due = last_activity + idle_timeout;
+                    if due > Instant::now() {
+                        idle.as_mut().reset(due.into());
+                        continue;
+                    }
                     outcome.details = "idle_timeout";
                     break false;
                 }
