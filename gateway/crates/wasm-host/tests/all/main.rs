@@ -1,6 +1,7 @@
 //! Integration tests of weir-wasm-host with real guests (built on demand by `support`).
 
 mod abi;
+mod builtin_filters;
 mod callouts;
 mod check;
 mod containment;
