@@ -425,3 +425,45 @@ clusters:
     }
     assert_eq!(err.lines().count(), 7, "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_filter_holds_the_connection_until_its_callout_answers() {
+    let up = echo().await;
+    let allow = upstream("auth", Behavior::default()).await;
+    let deny = upstream(
+        "auth",
+        Behavior {
+            status: Some(403),
+            ..Behavior::default()
+        },
+    )
+    .await;
+    let cfg = |auth: SocketAddr| {
+        tcp_config(
+            up.addr,
+            ", filters: [net]",
+            &format!(
+                "  - {{ name: auth, endpoints: [ {{ address: \"{auth}\" }} ] }}\nplugins:\n{}",
+                network_plugin("net", "callout,user=alice", "closed")
+            ),
+        )
+    };
+    let gw = gateway(&cfg(allow.addr)).await;
+    let mut c = TcpStream::connect(gw.addr("tcp").await).await.unwrap();
+    // Sent while the filter waits for the callout: passed on once it resumes.
+    c.write_all(b"early").await.unwrap();
+    assert_eq!(read_n(&mut c, 5).await, b"early");
+    assert_eq!(allow.hits(), 1);
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 1);
+
+    gw.reload(&cfg(deny.addr)).await.unwrap();
+    let mut c = TcpStream::connect(gw.addr("tcp").await).await.unwrap();
+    let _ = c.write_all(b"denied").await;
+    assert!(closed_within(&mut c, Duration::from_secs(5)).await);
+    assert_eq!(deny.hits(), 1);
+    assert_eq!(
+        up.accepted.load(Ordering::SeqCst),
+        1,
+        "no upstream connection for a connection the filter closed"
+    );
+}

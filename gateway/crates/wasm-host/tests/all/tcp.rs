@@ -235,11 +235,19 @@ async fn tcp_callout_resumes_or_closes_a_paused_connection() {
     let mut s = p.new_network_stream(info());
     assert_eq!(s.on_new_connection(), NetworkDecision::Pause);
     assert!(s.is_paused(Direction::Downstream));
+    // Bytes before the answer are held.
+    assert_eq!(
+        data(&mut s, Direction::Downstream, "early", false),
+        (NetworkDecision::Pause, String::new())
+    );
     let event = tokio::time::timeout(Duration::from_secs(5), s.resumed())
         .await
         .expect("the callout answers");
     assert_eq!(event, NetworkEvent::Resumed(Direction::Downstream));
-    assert_eq!(s.take_held(Direction::Downstream), (BytesMut::new(), false));
+    assert_eq!(
+        s.take_held(Direction::Downstream),
+        (BytesMut::from(&b"early"[..]), false)
+    );
     assert!(env.logged("callout answered 200"));
     assert_eq!(
         data(&mut s, Direction::Downstream, "go", false),

@@ -6,7 +6,8 @@
 //! - `tag`: wrap each upstream chunk in `[` `]` (prepend and append to buffer 3).
 //! - `pause-up=N`: pause the upstream data until N bytes are held.
 //! - `callout`: on a new connection, call cluster `auth` (`x-user` = the `user=NAME` word)
-//!   and pause; a 200 resumes the downstream, anything else closes the connection.
+//!   and pause (also the downstream data) until it answers: a 200 resumes the downstream,
+//!   anything else closes the connection.
 //! - `tick`: pause on a new connection until the root context's next tick (5 ms) resumes it.
 //!
 //! Always: downstream data containing `QUIT` closes the connection (stream 2), `TRAP` panics;
@@ -114,6 +115,7 @@ impl RootContext for Root {
                 .unwrap_or("")
                 .to_owned(),
             connections: self.connections,
+            authorizing: false,
             down: 0,
             up: 0,
         }))
@@ -134,6 +136,8 @@ struct Conn {
     pause_up: Option<usize>,
     user: String,
     connections: u32,
+    /// The `auth` callout has not answered yet.
+    authorizing: bool,
     down: usize,
     up: usize,
 }
@@ -144,6 +148,7 @@ impl Context for Conn {
             .get_http_call_response_header(":status")
             .unwrap_or_default();
         log(&format!("callout answered {status}"));
+        self.authorizing = false;
         if status == "200" {
             self.resume_downstream();
         } else {
@@ -184,6 +189,7 @@ impl StreamContext for Conn {
                 Duration::from_secs(5),
             )
             .unwrap();
+            self.authorizing = true;
             return Action::Pause;
         }
         if self.tick {
@@ -198,6 +204,9 @@ impl StreamContext for Conn {
         assert_eq!(data.len(), size);
         if data.windows(4).any(|w| w == b"TRAP") {
             panic!("TRAP in the downstream data");
+        }
+        if self.authorizing {
+            return Action::Pause;
         }
         if data.windows(4).any(|w| w == b"QUIT") {
             log("closing on QUIT");
