@@ -67,9 +67,12 @@ pub fn reply_response(r: &LocalReply) -> Response<ProxyBody> {
 }
 
 /// Run the request headers (and, if a filter pauses, the buffered body) through the chain.
+/// The streams keep references to `head` (their view for later phases); a filter's edit copies
+/// it only then. When the body to forward is not empty its length may have changed: drop
+/// `content-length` and `transfer-encoding` from the head before sending it.
 pub async fn on_request(
     streams: &Streams,
-    head: &mut RequestHead,
+    head: &mut Arc<RequestHead>,
     body: ProxyBody,
 ) -> Result<RequestVerdict, BoxError> {
     let mut guard = streams.lock().await;
@@ -96,7 +99,6 @@ pub async fn on_request(
             return Ok(RequestVerdict::Forward(body));
         }
         // The filters may change the body's length as it streams.
-        head.headers.remove(http::header::CONTENT_LENGTH);
         return Ok(RequestVerdict::Forward(FilteredBody::request(
             streams.clone(),
             body,
@@ -141,8 +143,6 @@ pub async fn on_request(
             data = held;
         }
     }
-    head.headers.remove(http::header::CONTENT_LENGTH);
-    head.headers.remove(http::header::TRANSFER_ENCODING);
     Ok(RequestVerdict::Forward(full(data.freeze())))
 }
 
@@ -174,6 +174,7 @@ async fn local_reply(streams: &Streams, from: usize, r: &LocalReply) -> RequestV
     if let Some(g) = r.grpc_status {
         head.headers.insert("grpc-status", HeaderValue::from(g));
     }
+    let mut head = Arc::new(head);
     let mut body = BytesMut::from(&r.body[..]);
     for i in (0..=from.min(guard.len().saturating_sub(1))).rev() {
         guard[i].set_response_code_details(&r.details);
@@ -193,6 +194,7 @@ async fn local_reply(streams: &Streams, from: usize, r: &LocalReply) -> RequestV
             }
         }
     }
+    let head = Arc::unwrap_or_clone(head);
     let mut resp = Response::new(full(body.freeze()));
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers;
@@ -215,10 +217,10 @@ pub enum ResponseVerdict {
 pub async fn on_response(streams: &Streams, resp: Response<ProxyBody>) -> ResponseVerdict {
     let mut guard = streams.lock().await;
     let (parts, body) = resp.into_parts();
-    let mut head = ResponseHead {
+    let mut head = Arc::new(ResponseHead {
         status: parts.status,
         headers: parts.headers,
-    };
+    });
     let eos = body.is_end_stream();
     let n = guard.len();
     let mut paused_at = None;
@@ -235,10 +237,17 @@ pub async fn on_response(streams: &Streams, resp: Response<ProxyBody>) -> Respon
             Decision::Reset => return ResponseVerdict::Reset,
         }
     }
-    let rebuild = |head: ResponseHead, body: ProxyBody| {
+    // The streams keep their views of the head: take it back, copied only if they must.
+    let rebuild = |head: Arc<ResponseHead>, body: ProxyBody, length_may_change: bool| {
+        let head = Arc::unwrap_or_clone(head);
         let mut r = Response::new(body);
         *r.status_mut() = head.status;
         *r.headers_mut() = head.headers;
+        if length_may_change {
+            // The filters may change the body's length.
+            r.headers_mut().remove(http::header::CONTENT_LENGTH);
+            r.headers_mut().remove(http::header::TRANSFER_ENCODING);
+        }
         *r.version_mut() = parts.version;
         r
     };
@@ -247,11 +256,9 @@ pub async fn on_response(streams: &Streams, resp: Response<ProxyBody>) -> Respon
         let body = if eos {
             body
         } else {
-            // The filters may change the body's length as it streams.
-            head.headers.remove(http::header::CONTENT_LENGTH);
             FilteredBody::response(streams.clone(), body)
         };
-        return ResponseVerdict::Send(rebuild(head, body));
+        return ResponseVerdict::Send(rebuild(head, body, !eos));
     };
     let Some(mut data) = collect(body, BODY_BUFFER_LIMIT).await else {
         let r = LocalReply {
@@ -285,9 +292,7 @@ pub async fn on_response(streams: &Streams, resp: Response<ProxyBody>) -> Respon
             data = held;
         }
     }
-    head.headers.remove(http::header::CONTENT_LENGTH);
-    head.headers.remove(http::header::TRANSFER_ENCODING);
-    ResponseVerdict::Send(rebuild(head, full(data.freeze())))
+    ResponseVerdict::Send(rebuild(head, full(data.freeze()), true))
 }
 
 /// Tell every stream where the request went.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use tokio::sync::Mutex;
 use weir_wasm_host::{RequestHead, StreamInfo, TlsInfo};
@@ -60,7 +61,7 @@ pub async fn serve(
 
     let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let mut head = RequestHead {
+    let mut head = Arc::new(RequestHead {
         method: parts.method.clone(),
         scheme: if conn.tls { "https" } else { "http" }.to_string(),
         authority: authority_of(&parts),
@@ -70,7 +71,7 @@ pub async fn serve(
             .map_or("/", |p| p.as_str())
             .to_string(),
         headers: std::mem::take(&mut parts.headers),
-    };
+    });
     // A filter may pause and wait (callouts, or for another context to resume it): the route's
     // timeout bounds that wait.
     let verdict = match route.timeout {
@@ -93,9 +94,16 @@ pub async fn serve(
         RequestVerdict::Reset => return Err(Box::new(FilterReset)),
     };
 
-    // The filters may have changed the request: rebuild it from their view.
+    // The filters may have changed the request: rebuild it from their view (the streams keep
+    // theirs, so this copies the head when there are filters).
+    let head = Arc::unwrap_or_clone(head);
     parts.method = head.method;
     parts.headers = head.headers;
+    if !body.is_end_stream() {
+        // The filters may change the body's length.
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts.headers.remove(header::TRANSFER_ENCODING);
+    }
     let uri = if parts.uri.authority().is_some() {
         format!("{}://{}{}", head.scheme, head.authority, head.path)
     } else {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use weir_wasm_host::{FailPolicy, Plugin, ResponseHead, StreamInfo};
 
 #[allow(dead_code)]
@@ -18,7 +18,7 @@ fn run(rt: &tokio::runtime::Runtime, chain: &[Arc<Plugin>], info: &Arc<StreamInf
             let d = s.on_request_headers(&mut head, true).await;
             assert_eq!(d, weir_wasm_host::Decision::Continue);
         }
-        let mut resp = ResponseHead::default();
+        let mut resp = Arc::new(ResponseHead::default());
         for s in streams.iter_mut().rev() {
             s.on_response_headers(&mut resp, true).await;
         }
@@ -29,12 +29,9 @@ fn run(rt: &tokio::runtime::Runtime, chain: &[Arc<Plugin>], info: &Arc<StreamInf
     });
 }
 
-fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let _guard = rt.enter();
+type Chains = Vec<(&'static str, Vec<Arc<Plugin>>)>;
+
+fn chains() -> Chains {
     let env = support::TestEnv::new();
     let engine = support::engine(1);
     let noop = |i: usize| {
@@ -47,8 +44,7 @@ fn bench(c: &mut Criterion) {
             FailPolicy::Closed,
         )
     };
-    let info = support::info();
-    let chains: Vec<(&str, Vec<Arc<Plugin>>)> = vec![
+    vec![
         ("0 filters", vec![]),
         ("1 no-op filter", vec![noop(0)]),
         ("3 no-op filters", vec![noop(1), noop(2), noop(3)]),
@@ -63,7 +59,21 @@ fn bench(c: &mut Criterion) {
                 FailPolicy::Closed,
             )],
         ),
-    ];
+    ]
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = runtime();
+    let _guard = rt.enter();
+    let info = support::info();
+    let chains = chains();
     let mut group = c.benchmark_group("request");
     for (name, chain) in &chains {
         group.bench_function(*name, |b| b.iter(|| run(&rt, chain, &info)));
@@ -72,4 +82,28 @@ fn bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+/// `WEIR_BENCH_REQUESTS=N WEIR_BENCH_CHAIN=NAME` runs N requests through one chain without
+/// criterion, for instruction counts that repeat exactly: run it under
+/// `valgrind --tool=callgrind` with two values of N; the difference divided by the difference
+/// of N is the cost of one request.
+fn main() {
+    let Ok(n) = std::env::var("WEIR_BENCH_REQUESTS") else {
+        benches();
+        Criterion::default().configure_from_args().final_summary();
+        return;
+    };
+    let n: usize = n.parse().expect("WEIR_BENCH_REQUESTS is a number");
+    let wanted = std::env::var("WEIR_BENCH_CHAIN").unwrap_or_else(|_| "1 no-op filter".into());
+    let rt = runtime();
+    let _guard = rt.enter();
+    let info = support::info();
+    let chains = chains();
+    let (_, chain) = chains
+        .iter()
+        .find(|(name, _)| *name == wanted)
+        .expect("WEIR_BENCH_CHAIN names a chain of the bench");
+    for _ in 0..n {
+        run(&rt, chain, &info);
+    }
+}

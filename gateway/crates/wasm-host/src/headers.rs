@@ -1,6 +1,8 @@
 //! Header maps as the guest sees them: the wire encoding and the pseudo-header view of
 //! request and response heads.
 
+use std::sync::Arc;
+
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
 
@@ -92,9 +94,12 @@ pub(crate) fn value(v: &[u8]) -> Result<HeaderValue, Status> {
 }
 
 /// A header map the guest may read and, unless read-only, write.
+///
+/// The request and response heads are shared (a filter's view stays readable after the stream
+/// moved on); a write copies one only when somebody else still holds it.
 pub(crate) enum MapRef<'a> {
-    Request(&'a mut RequestHead),
-    Response(&'a mut ResponseHead),
+    Request(&'a mut Arc<RequestHead>),
+    Response(&'a mut Arc<ResponseHead>),
     Plain(&'a mut HeaderMap),
     /// A read-only map with an optional `:status` (callout responses).
     ReadOnly(&'a HeaderMap, Option<StatusCode>),
@@ -201,11 +206,12 @@ impl MapRef<'_> {
         match self {
             MapRef::Request(h) => match key {
                 b":method" => {
-                    h.method = http::Method::from_bytes(v).map_err(|_| Status::BadArgument)?
+                    Arc::make_mut(h).method =
+                        http::Method::from_bytes(v).map_err(|_| Status::BadArgument)?
                 }
-                b":scheme" => h.scheme = text()?,
-                b":authority" => h.authority = text()?,
-                b":path" => h.path = text()?,
+                b":scheme" => Arc::make_mut(h).scheme = text()?,
+                b":authority" => Arc::make_mut(h).authority = text()?,
+                b":path" => Arc::make_mut(h).path = text()?,
                 _ if key.starts_with(b":") => return Err(Status::BadArgument),
                 _ => return Ok(false),
             },
@@ -215,7 +221,8 @@ impl MapRef<'_> {
                         .ok()
                         .and_then(|s| s.trim().parse().ok())
                         .ok_or(Status::BadArgument)?;
-                    h.status = StatusCode::from_u16(code).map_err(|_| Status::BadArgument)?;
+                    Arc::make_mut(h).status =
+                        StatusCode::from_u16(code).map_err(|_| Status::BadArgument)?;
                 }
                 _ if key.starts_with(b":") => return Err(Status::BadArgument),
                 _ => return Ok(false),
@@ -227,8 +234,8 @@ impl MapRef<'_> {
 
     fn plain_mut(&mut self) -> Result<&mut HeaderMap, Status> {
         match self {
-            MapRef::Request(h) => Ok(&mut h.headers),
-            MapRef::Response(h) => Ok(&mut h.headers),
+            MapRef::Request(h) => Ok(&mut Arc::make_mut(h).headers),
+            MapRef::Response(h) => Ok(&mut Arc::make_mut(h).headers),
             MapRef::Plain(m) => Ok(m),
             MapRef::ReadOnly(..) => Err(Status::BadArgument),
         }
@@ -261,9 +268,9 @@ impl MapRef<'_> {
             return match self {
                 MapRef::Request(h) => {
                     match key {
-                        b":scheme" => h.scheme.clear(),
-                        b":authority" => h.authority.clear(),
-                        b":path" => h.path.clear(),
+                        b":scheme" => Arc::make_mut(h).scheme.clear(),
+                        b":authority" => Arc::make_mut(h).authority.clear(),
+                        b":path" => Arc::make_mut(h).path.clear(),
                         _ => {}
                     }
                     Ok(())
@@ -329,7 +336,8 @@ mod tests {
 
     #[test]
     fn pseudo_headers() {
-        let mut head = RequestHead::default();
+        let mut head = Arc::new(RequestHead::default());
+        let shared = head.clone();
         let mut m = MapRef::Request(&mut head);
         m.replace(b":path", b"/x").unwrap();
         m.add(b"X-Foo", b"\xffbar").unwrap();
@@ -340,6 +348,8 @@ mod tests {
         assert_eq!(m.get(b"x-foo").unwrap(), b"\xffbar");
         assert_eq!(m.len(), 5);
         assert_eq!(m.add(b":bogus", b"1"), Err(Status::BadArgument));
+        // The other holder keeps the head as it was.
+        assert_eq!(shared.path, "/");
     }
 
     #[test]

@@ -56,6 +56,7 @@ pub use stream::{
     Decision, HttpStream, LocalReply, RequestHead, ResponseHead, StreamInfo, TlsInfo,
 };
 pub use types::{AbiVersion, LogLevel, Status};
+pub use vm::CPU_SAMPLE_EVERY;
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use crate::types::Status;
+use crate::vm::CPU_SAMPLE_EVERY;
 
 /// Kind of a filter-defined metric (the low 2 bits of its id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -435,7 +436,8 @@ pub fn render_filter_metrics(out: &mut String) {
 /// Per-plugin host counters (plain atomics, shared by a plugin's per-route instances).
 #[derive(Debug, Default)]
 pub struct PluginStats {
-    /// Guest callbacks run.
+    /// Guarded calls into the guest: one per callback, except that a stream's context creation
+    /// rides with its first callback and its `on_log`, `on_done` and `on_delete` are one call.
     pub callbacks: AtomicU64,
     /// Callbacks that trapped (other than interruptions and memory-cap hits).
     pub traps: AtomicU64,
@@ -445,8 +447,10 @@ pub struct PluginStats {
     pub memory_cap_hits: AtomicU64,
     /// Requests that got the failure policy (any policy).
     pub failed_streams: AtomicU64,
-    /// Wall time per guest callback, in microseconds.
-    pub callback_micros: Histogram,
+    /// CPU time of guest callbacks, in nanoseconds, sampled: one callback in
+    /// [`CPU_SAMPLE_EVERY`](crate::CPU_SAMPLE_EVERY) per VM replica is measured (the thread's CPU
+    /// clock, so time the thread was descheduled does not count).
+    pub callback_cpu_nanos: Histogram,
     /// Linear memory bytes of the plugin's VM replicas (sum, updated after each callback).
     pub memory_bytes: AtomicU64,
 }
@@ -468,8 +472,8 @@ pub struct StatsSnapshot {
     pub vm_start_failures: u64,
     /// See [`PluginStats::failed_streams`].
     pub failed_streams: u64,
-    /// See [`PluginStats::callback_micros`].
-    pub callback_micros: HistogramSnapshot,
+    /// See [`PluginStats::callback_cpu_nanos`].
+    pub callback_cpu_nanos: HistogramSnapshot,
     /// See [`PluginStats::memory_bytes`].
     pub memory_bytes: u64,
 }
@@ -486,7 +490,7 @@ impl PluginStats {
             vm_starts: 0,
             vm_start_failures: 0,
             failed_streams: l(&self.failed_streams),
-            callback_micros: self.callback_micros.snapshot(),
+            callback_cpu_nanos: self.callback_cpu_nanos.snapshot(),
             memory_bytes: l(&self.memory_bytes),
         }
     }
@@ -546,7 +550,7 @@ fn families(s: &StatsSnapshot) -> [(&'static str, &'static str, &'static str, u6
     ]
 }
 
-const DURATION: &str = "weir_wasm_callback_duration_microseconds";
+const CPU_TIME: &str = "weir_wasm_callback_cpu_nanoseconds";
 
 fn plugin_label(plugin: &str) -> String {
     let escaped = plugin
@@ -565,7 +569,7 @@ impl StatsSnapshot {
         for (name, _, _, v) in families(self) {
             let _ = writeln!(out, "{name}{{{label}}} {v}");
         }
-        self.callback_micros.render(out, DURATION, &label);
+        self.callback_cpu_nanos.render(out, CPU_TIME, &label);
     }
 }
 
@@ -587,10 +591,10 @@ pub fn render_plugin_stats(plugins: &[(&str, StatsSnapshot)], out: &mut String) 
     }
     let _ = writeln!(
         out,
-        "# HELP {DURATION} Wall time of guest callbacks.\n# TYPE {DURATION} histogram"
+        "# HELP {CPU_TIME} CPU time of guest callbacks (one in {CPU_SAMPLE_EVERY} sampled).\n# TYPE {CPU_TIME} histogram"
     );
     for ((_, s), label) in plugins.iter().zip(&labels) {
-        s.callback_micros.render(out, DURATION, label);
+        s.callback_cpu_nanos.render(out, CPU_TIME, label);
     }
 }
 
@@ -626,7 +630,7 @@ mod tests {
     fn plugin_stats_families_stay_together() {
         let a = PluginStats::default();
         a.callbacks.fetch_add(2, Ordering::Relaxed);
-        a.callback_micros.record(7);
+        a.callback_cpu_nanos.record(7);
         let b = PluginStats::default();
         let mut out = String::new();
         render_plugin_stats(&[("a", a.snapshot()), ("b\"q", b.snapshot())], &mut out);
@@ -639,9 +643,7 @@ mod tests {
         let k = out.find("# TYPE weir_wasm_traps_total counter").unwrap();
         assert!(i < j && j < k, "{out}");
         assert!(
-            out.contains(
-                "weir_wasm_callback_duration_microseconds_bucket{plugin=\"a\",le=\"10\"} 1"
-            )
+            out.contains("weir_wasm_callback_cpu_nanoseconds_bucket{plugin=\"a\",le=\"10\"} 1")
         );
     }
 

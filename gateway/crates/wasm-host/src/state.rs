@@ -18,6 +18,30 @@ use crate::metrics::PluginStats;
 use crate::plugin::BgEvent;
 use crate::stream::{LocalReply, RequestHead, ResponseHead, StreamInfo};
 
+/// A map keyed by host-issued ids (context ids, callout tokens): they are not chosen by
+/// clients, so a multiplicative hash is enough and much cheaper than SipHash.
+pub(crate) type IdMap<V> = HashMap<u32, V, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// The hasher of [`IdMap`]: Fibonacci hashing of the id (good high bits, as hashbrown wants).
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, id: u32) {
+        self.0 = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 /// What the guest is doing, which decides the host calls it may make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
@@ -117,8 +141,8 @@ pub(crate) struct StreamCtx {
     pub network: bool,
     pub root: u32,
     pub info: Arc<StreamInfo>,
-    pub request: Option<RequestHead>,
-    pub response: Option<ResponseHead>,
+    pub request: Option<Arc<RequestHead>>,
+    pub response: Option<Arc<ResponseHead>>,
     pub request_trailers: Option<http::HeaderMap>,
     pub response_trailers: Option<http::HeaderMap>,
     pub body: Option<(BodyKind, BytesMut)>,
@@ -181,13 +205,13 @@ pub(crate) struct HostState {
     pub phase: Phase,
     /// The context host calls act on (`proxy_set_effective_context` changes it).
     pub effective: u32,
-    pub roots: HashMap<u32, Arc<RootSpec>>,
+    pub roots: IdMap<Arc<RootSpec>>,
     /// Root-context filter state (`set_property` outside streams).
     pub root_properties: HashMap<Vec<u8>, Bytes>,
     /// The stream whose callback runs now, if any.
     pub stream: Option<Box<StreamCtx>>,
     /// Every live stream context of this VM (loaded or not), for actions from other contexts.
-    pub streams: HashMap<u32, Parked>,
+    pub streams: IdMap<Parked>,
     /// Whether any context ever acted on a parked stream (skips the lookup otherwise).
     pub parked_used: bool,
     pub shared: Arc<VmShared>,
@@ -195,7 +219,7 @@ pub(crate) struct HostState {
     pub new_callouts: Vec<NewCallout>,
     pub callout: Option<CalloutView>,
     /// Callouts issued and not yet answered or cancelled, by token.
-    pub live_callouts: HashMap<u32, CalloutKind>,
+    pub live_callouts: IdMap<CalloutKind>,
     /// The gRPC response message, visible during `proxy_on_grpc_receive` (buffer 5).
     pub grpc_message: Option<Bytes>,
     /// Open gRPC streams (dropping them resets them) and the metadata of the current callback.
@@ -215,16 +239,16 @@ impl HostState {
             },
             phase: Phase::Start,
             effective: 0,
-            roots: HashMap::new(),
+            roots: IdMap::default(),
             root_properties: HashMap::new(),
             stream: None,
-            streams: HashMap::new(),
+            streams: IdMap::default(),
             parked_used: false,
             shared,
             next_token: 0,
             new_callouts: Vec::new(),
             callout: None,
-            live_callouts: HashMap::new(),
+            live_callouts: IdMap::default(),
             grpc_message: None,
             grpc: Default::default(),
             last_status: (0, Bytes::new()),

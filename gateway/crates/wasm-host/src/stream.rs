@@ -183,6 +183,13 @@ enum Lifecycle {
     Finished,
 }
 
+thread_local! {
+    /// Stand-ins left in the caller's place while a stream holds the head, so that a write by
+    /// the filter does not copy it.
+    static EMPTY_REQUEST: Arc<RequestHead> = Arc::new(RequestHead::default());
+    static EMPTY_RESPONSE: Arc<ResponseHead> = Arc::new(ResponseHead::default());
+}
+
 #[derive(Clone, Copy)]
 enum Dir {
     Request,
@@ -243,7 +250,8 @@ pub struct HttpStream {
     generation: u64,
     ctx: Option<Box<StreamCtx>>,
     lifecycle: Lifecycle,
-    pending: Pending,
+    /// Callouts in flight (made on first use: an empty `FuturesUnordered` allocates).
+    pending: Option<Pending>,
     /// Wakes a waiting callback when another context acts on this stream (made on first wait).
     waker: Option<Arc<tokio::sync::Notify>>,
     request_body: BytesMut,
@@ -290,7 +298,7 @@ impl HttpStream {
             generation: 0,
             ctx: Some(ctx),
             lifecycle: Lifecycle::New,
-            pending: FuturesUnordered::new(),
+            pending: None,
             request_body: BytesMut::new(),
             waker: None,
             response_body: BytesMut::new(),
@@ -348,9 +356,16 @@ impl HttpStream {
         self.lifecycle == Lifecycle::Active
     }
 
-    /// Run one guest call with this stream's context loaded.
+    /// Whether callouts are in flight.
+    fn nothing_pending(&self) -> bool {
+        self.pending.as_ref().is_none_or(FuturesUnordered::is_empty)
+    }
+
+    /// Run one guest call with this stream's context loaded. `last` marks the stream's final
+    /// call: when it succeeds, the replica's past failures are forgotten.
     fn invoke(
         &mut self,
+        last: bool,
         call: impl FnOnce(&mut Vm, u32, u32, bool) -> Result<i32, Failure>,
     ) -> Result<i32, ()> {
         let plugin = self.plugin.clone();
@@ -404,7 +419,7 @@ impl HttpStream {
         for c in callouts {
             if c.owner == id {
                 match tokio::runtime::Handle::try_current() {
-                    Ok(rt) => self.pending.push(Callout {
+                    Ok(rt) => self.pending.get_or_insert_with(Pending::new).push(Callout {
                         token: c.token,
                         task: rt.spawn(c.future),
                     }),
@@ -421,7 +436,12 @@ impl HttpStream {
             self.lifecycle = Lifecycle::Active;
         }
         match r {
-            Ok(v) => Ok(v),
+            Ok(v) => {
+                if last {
+                    group.healthy(&mut slot);
+                }
+                Ok(v)
+            }
             Err(f) => {
                 tracing::warn!(plugin = %spec.plugin_name, "wasm filter failed: {f}");
                 group.fail(self.replica, &mut slot, spec.fail, &f);
@@ -439,9 +459,22 @@ impl HttpStream {
             i32,
         ) -> wasmtime::Result<i32>,
     ) -> Result<i32, ()> {
+        self.guest_call(false, f)
+    }
+
+    /// [`callback`](Self::callback), with `last` as in [`invoke`](Self::invoke).
+    fn guest_call(
+        &mut self,
+        last: bool,
+        f: impl FnOnce(
+            &crate::vm::Exports,
+            &mut wasmtime::Store<crate::state::HostState>,
+            i32,
+        ) -> wasmtime::Result<i32>,
+    ) -> Result<i32, ()> {
         let deadline = self.plugin.root.limits.callback_deadline;
         let stats = self.plugin.root.stats.clone();
-        self.invoke(|vm, id, root, create| {
+        self.invoke(last, |vm, id, root, create| {
             vm.guarded(deadline, &stats, |ex, store| {
                 if create && let Some(cc) = &ex.context_create {
                     cc.call(&mut *store, (id as i32, root as i32))?;
@@ -453,7 +486,7 @@ impl HttpStream {
 
     pub(crate) fn failure_decision(&mut self) -> Decision {
         self.lifecycle = Lifecycle::Bypassed;
-        self.pending = FuturesUnordered::new();
+        self.pending = None;
         self.plugin
             .root
             .stats
@@ -483,11 +516,11 @@ impl HttpStream {
         if let Some(reply) = actions.local_reply {
             ctx.local_reply_sent = true;
             ctx.response_code_details = Some(reply.details.clone());
-            self.pending = FuturesUnordered::new();
+            self.pending = None;
             return Some(Decision::LocalReply(Box::new(reply)));
         }
         if actions.close {
-            self.pending = FuturesUnordered::new();
+            self.pending = None;
             return Some(Decision::Reset);
         }
         None
@@ -496,7 +529,9 @@ impl HttpStream {
     /// Deliver the callouts that already answered and the gRPC stream events already there
     /// (without waiting). Errs when the filter failed.
     pub(crate) fn deliver_callouts(&mut self) -> Result<(), ()> {
-        while let Some(Some((token, result))) = self.pending.next().now_or_never() {
+        while let Some(Some((token, result))) =
+            self.pending.as_mut().and_then(|p| p.next().now_or_never())
+        {
             self.deliver(token, result)?;
         }
         while let Some(d) = self.ctx().grpc.as_mut().and_then(Inbox::try_next) {
@@ -508,7 +543,7 @@ impl HttpStream {
     /// Deliver one event of a gRPC stream this context opened. Errs when the filter failed.
     fn deliver_grpc(&mut self, d: Delivery) -> Result<(), ()> {
         let spec = self.plugin.root.clone();
-        self.invoke(|vm, id, root, _create| {
+        self.invoke(false, |vm, id, root, _create| {
             crate::grpc_stream::deliver(vm, &spec, root, id, d).map(|()| 1)
         })
         .map(|_| ())
@@ -521,7 +556,7 @@ impl HttpStream {
         result: Result<CallResponse, CallError>,
     ) -> Result<(), ()> {
         let spec = self.plugin.root.clone();
-        self.invoke(|vm, _id, root, _create| {
+        self.invoke(false, |vm, _id, root, _create| {
             deliver_callout(vm, &spec, root, token, result).map(|()| 1)
         })
         .map(|_| ())
@@ -532,10 +567,10 @@ impl HttpStream {
     /// context acted on the stream: take its actions with `sync_parked`). Cancel-safe. Errs
     /// when the filter failed.
     pub(crate) async fn wait_event(&mut self, waker: &tokio::sync::Notify) -> Result<(), ()> {
-        let callouts = !self.pending.is_empty();
+        let callouts = !self.nothing_pending();
         let inbox = self.ctx.as_deref_mut().and_then(|c| c.grpc.as_mut());
         tokio::select! {
-            next = self.pending.next(), if callouts => match next {
+            next = next_callout(&mut self.pending), if callouts => match next {
                 Some((token, result)) => self.deliver(token, result),
                 None => Ok(()),
             },
@@ -575,11 +610,11 @@ impl HttpStream {
             if let Some(reply) = actions.local_reply {
                 ctx.local_reply_sent = true;
                 ctx.response_code_details = Some(reply.details.clone());
-                self.pending = FuturesUnordered::new();
+                self.pending = None;
                 return Decision::LocalReply(Box::new(reply));
             }
             if actions.close {
-                self.pending = FuturesUnordered::new();
+                self.pending = None;
                 return Decision::Reset;
             }
             let resumed = match dir {
@@ -589,7 +624,7 @@ impl HttpStream {
             if action == 0 || resumed {
                 return Decision::Continue;
             }
-            if self.pending.is_empty()
+            if self.nothing_pending()
                 && let Part::Headers { eos: false } | Part::Body { eos: false } = part
             {
                 return Decision::StopIteration;
@@ -612,19 +647,22 @@ impl HttpStream {
         }
     }
 
-    /// Request headers (and pseudo-headers). Edits to `head` are made in place; check
-    /// [`route_cache_cleared`](Self::route_cache_cleared) afterwards. A filter that pauses
-    /// until a callout answers is awaited here (`proxy_on_http_call_response` runs inside).
+    /// Request headers (and pseudo-headers). Edits to `head` are made in place (copied first
+    /// only if somebody else holds it); check [`route_cache_cleared`](Self::route_cache_cleared)
+    /// afterwards. The stream keeps a reference to the head as it left this filter, for later
+    /// phases and properties. A filter that pauses until a callout answers is awaited here
+    /// (`proxy_on_http_call_response` runs inside).
     pub async fn on_request_headers(
         &mut self,
-        head: &mut RequestHead,
+        head: &mut Arc<RequestHead>,
         end_of_stream: bool,
     ) -> Decision {
         if self.skipping() {
             return Decision::Continue;
         }
         let n = (4 + head.headers.len()) as i32;
-        self.ctx().request = Some(std::mem::take(head));
+        let placeholder = EMPTY_REQUEST.with(Arc::clone);
+        self.ctx().request = Some(std::mem::replace(head, placeholder));
         let r = self.callback(|ex, store, id| match &ex.request_headers {
             Some(HeadersFn::V2(f)) => f.call(store, (id, n, i32::from(end_of_stream))),
             Some(HeadersFn::V1(f)) => f.call(store, (id, n)),
@@ -637,12 +675,9 @@ impl HttpStream {
             }
             Err(()) => self.failure_decision(),
         };
-        let ctx = self.ctx();
-        if let Some(h) = ctx.request.take() {
-            *head = h;
+        if let Some(h) = &self.ctx().request {
+            *head = h.clone();
         }
-        // Later phases (and properties) read a snapshot of the request head.
-        ctx.request = Some(head.clone());
         d
     }
 
@@ -788,11 +823,12 @@ impl HttpStream {
         self.on_trailers(Dir::Request, trailers).await
     }
 
-    /// Response headers (`:status` and headers, edits in place). Also called on a local reply
-    /// (the filter's own or a later filter's): the filter sees and may edit the reply.
+    /// Response headers (`:status` and headers, edits in place, copied first only if somebody
+    /// else holds the head). Also called on a local reply (the filter's own or a later
+    /// filter's): the filter sees and may edit the reply.
     pub async fn on_response_headers(
         &mut self,
-        head: &mut ResponseHead,
+        head: &mut Arc<ResponseHead>,
         end_of_stream: bool,
     ) -> Decision {
         if self.skipping() {
@@ -802,7 +838,8 @@ impl HttpStream {
             return d;
         }
         let n = (1 + head.headers.len()) as i32;
-        self.ctx().response = Some(std::mem::take(head));
+        let placeholder = EMPTY_RESPONSE.with(Arc::clone);
+        self.ctx().response = Some(std::mem::replace(head, placeholder));
         let r = self.callback(|ex, store, id| match &ex.response_headers {
             Some(HeadersFn::V2(f)) => f.call(store, (id, n, i32::from(end_of_stream))),
             Some(HeadersFn::V1(f)) => f.call(store, (id, n)),
@@ -815,11 +852,9 @@ impl HttpStream {
             }
             Err(()) => self.failure_decision(),
         };
-        let ctx = self.ctx();
-        if let Some(h) = ctx.response.take() {
-            *head = h;
+        if let Some(h) = &self.ctx().response {
+            *head = h.clone();
         }
-        ctx.response = Some(head.clone());
         d
     }
 
@@ -848,40 +883,33 @@ impl HttpStream {
             // Callouts that already answered are delivered first, as Envoy would have.
             let _ = self.deliver_ready();
         }
-        if self.lifecycle == Lifecycle::Active {
-            if !network {
-                let _ = self.callback(|ex, store, id| {
-                    if let Some(f) = &ex.log {
-                        f.call(store, id)?;
-                    }
-                    Ok(0)
-                });
-            }
-            self.delete(network);
-            if self.lifecycle == Lifecycle::Finished {
-                let mut slot = self.plugin.group.lock(self.replica);
-                if slot.generation == self.generation {
-                    self.plugin.group.healthy(&mut slot);
-                }
-            }
-        }
+        self.end(Some(network));
         if self.lifecycle == Lifecycle::New {
             self.lifecycle = Lifecycle::Finished;
         }
     }
 
-    /// `on_done` (then `on_log` when `log`) and `on_delete`.
-    fn delete(&mut self, log: bool) {
+    /// The context's last guest call, in one guarded call: `on_log` (for `Some(false)`: HTTP,
+    /// before `on_done`; for `Some(true)`: network, after it; `None`: no log), `on_done`,
+    /// `on_delete`.
+    fn end(&mut self, log: Option<bool>) {
         if self.lifecycle != Lifecycle::Active {
             return;
         }
-        self.pending = FuturesUnordered::new();
-        let r = self.callback(|ex, store, id| {
+        self.pending = None;
+        let r = self.guest_call(log.is_some(), |ex, store, id| {
+            let on_log = |store: &mut wasmtime::Store<crate::state::HostState>| match &ex.log {
+                Some(f) => f.call(store, id),
+                None => Ok(()),
+            };
+            if log == Some(false) {
+                on_log(&mut *store)?;
+            }
             if let Some(f) = &ex.done {
                 f.call(&mut *store, id)?;
             }
-            if log && let Some(f) = &ex.log {
-                f.call(&mut *store, id)?;
+            if log == Some(true) {
+                on_log(&mut *store)?;
             }
             if let Some(f) = &ex.delete {
                 f.call(&mut *store, id)?;
@@ -902,7 +930,17 @@ impl HttpStream {
 
 impl Drop for HttpStream {
     fn drop(&mut self) {
-        self.delete(false);
+        self.end(None);
+    }
+}
+
+/// The next answered callout, or never when none is in flight.
+async fn next_callout(
+    pending: &mut Option<Pending>,
+) -> Option<(u32, Result<CallResponse, CallError>)> {
+    match pending {
+        Some(p) => p.next().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -244,7 +244,7 @@ async fn fire_and_forget_callout_answered_before_the_response() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let mut resp = weir_wasm_host::ResponseHead::default();
+    let mut resp = std::sync::Arc::new(weir_wasm_host::ResponseHead::default());
     match stream.on_response_headers(&mut resp, true).await {
         Decision::LocalReply(r) => assert_eq!(r.status, StatusCode::FORBIDDEN),
         other => panic!("the callout's local reply should win, got {other:?}"),
@@ -290,7 +290,7 @@ async fn concurrent_streams_interleave_on_one_replica() {
             tokio::spawn(async move {
                 let user = if i % 3 == 0 { "bob" } else { "alice" };
                 let x = exchange(&p, request("/api", &[("x-user", user)])).await;
-                (user, x.request_decision, x.request.headers)
+                (user, x.request_decision, x.request.headers.clone())
             })
         })
         .collect();

@@ -134,7 +134,7 @@ async fn other_streams_on_the_failed_vm_lose_their_context() {
     let x = exchange(&p, request("/", &[("x-trap", "1")])).await;
     assert!(is_fail_stream(&x.request_decision));
     // Stream a's context was in the discarded VM: it gets the failure policy.
-    let mut resp = ResponseHead::default();
+    let mut resp = std::sync::Arc::new(ResponseHead::default());
     assert!(is_fail_stream(
         &a.on_response_headers(&mut resp, true).await
     ));

@@ -150,7 +150,7 @@ async fn cancel_resets_the_stream_and_stops_callbacks() {
     assert_eq!(server.ended("Flood").await.ending, Some("reset"));
     // Ticks the server sent before it saw the reset are dropped, not delivered.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let mut response = weir_wasm_host::ResponseHead::default();
+    let mut response = std::sync::Arc::new(weir_wasm_host::ResponseHead::default());
     assert_eq!(
         stream.on_response_headers(&mut response, true).await,
         Decision::Continue
@@ -210,7 +210,7 @@ async fn a_stream_ends_with_the_request_that_opened_it() {
     );
     wait_for_message(&server, "x").await;
     // The request finishes while the stream is open: the stream is reset with the context.
-    let mut response = weir_wasm_host::ResponseHead::default();
+    let mut response = std::sync::Arc::new(weir_wasm_host::ResponseHead::default());
     stream.on_response_headers(&mut response, true).await;
     stream.finish();
     let seen = server.ended("Chat").await;

@@ -105,8 +105,9 @@ async fn response_status_and_header_edits() {
         stream.on_request_headers(&mut head, true).await,
         Decision::Continue
     );
-    let mut resp = ResponseHead::default();
-    resp.headers
+    let mut resp = std::sync::Arc::new(ResponseHead::default());
+    std::sync::Arc::make_mut(&mut resp)
+        .headers
         .insert("server", HeaderValue::from_static("upstream"));
     assert_eq!(
         stream.on_response_headers(&mut resp, false).await,
@@ -240,7 +241,7 @@ async fn response_body_buffering_and_limit() {
     let mut stream = p.new_stream(info());
     let mut head = request("/", &[]);
     stream.on_request_headers(&mut head, true).await;
-    let mut resp = ResponseHead::default();
+    let mut resp = std::sync::Arc::new(ResponseHead::default());
     stream.on_response_headers(&mut resp, false).await;
     let mut a = BytesMut::from(&b"hello "[..]);
     assert_eq!(
@@ -318,10 +319,11 @@ async fn non_utf8_values_and_many_headers() {
         FailPolicy::Closed,
     );
     let mut head = request("/", &[]);
-    head.headers
+    let h = std::sync::Arc::make_mut(&mut head);
+    h.headers
         .insert("x-binary", HeaderValue::from_bytes(b"\xff\xfeabc").unwrap());
     for i in 0..1500 {
-        head.headers.append(
+        h.headers.append(
             http::header::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
             HeaderValue::from_static("v"),
         );
@@ -390,7 +392,9 @@ async fn metrics_foreign_functions_and_callback_order() {
         "{text}"
     );
     let stats = p.stats();
-    assert!(stats.callbacks >= 8);
+    // Per exchange: request headers (with context creation), response headers, and the
+    // final on_log + on_done + on_delete.
+    assert!(stats.callbacks >= 6, "{}", stats.callbacks);
     assert!(stats.memory_bytes > 0);
     assert_eq!(stats.traps, 0);
     let mut text = String::new();

@@ -250,7 +250,7 @@ pub fn try_plugin(
 }
 
 /// A GET request head for `path` with `headers`.
-pub fn request(path: &str, headers: &[(&str, &str)]) -> RequestHead {
+pub fn request(path: &str, headers: &[(&str, &str)]) -> Arc<RequestHead> {
     let mut head = RequestHead {
         authority: "example.com".into(),
         path: path.into(),
@@ -262,7 +262,7 @@ pub fn request(path: &str, headers: &[(&str, &str)]) -> RequestHead {
             HeaderValue::from_str(v).unwrap(),
         );
     }
-    head
+    Arc::new(head)
 }
 
 /// Stream info with a source address.
@@ -279,26 +279,26 @@ pub fn info() -> Arc<StreamInfo> {
 /// What a full request through one stream produced.
 #[allow(dead_code)]
 pub struct Exchange {
-    pub request: RequestHead,
+    pub request: Arc<RequestHead>,
     pub request_decision: Decision,
-    pub response: ResponseHead,
+    pub response: Arc<ResponseHead>,
     pub response_decision: Decision,
     pub route_cleared: bool,
 }
 
 /// Drive one header-only request: request headers, then response headers (the local reply if
 /// the request was answered locally), then finish.
-pub async fn exchange(plugin: &Arc<Plugin>, mut head: RequestHead) -> Exchange {
+pub async fn exchange(plugin: &Arc<Plugin>, mut head: Arc<RequestHead>) -> Exchange {
     let mut stream = plugin.new_stream(info());
     let request_decision = stream.on_request_headers(&mut head, true).await;
     let route_cleared = stream.route_cache_cleared();
-    let mut response = match &request_decision {
+    let mut response = Arc::new(match &request_decision {
         Decision::LocalReply(r) => ResponseHead {
             status: r.status,
             headers: r.headers.clone(),
         },
         _ => ResponseHead::default(),
-    };
+    });
     let response_decision = stream.on_response_headers(&mut response, true).await;
     stream.finish();
     Exchange {
