@@ -52,7 +52,14 @@ enum FilterCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { config } => match weir::config::check_file(&config) {
+        Command::Validate { config } => match weir::config::check_file(&config).and_then(|c| {
+            // Start the plugins too: their `on_configure` may reject the configuration.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(async { c.start_plugins() })
+        }) {
             Ok(_) => {
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS

@@ -1142,6 +1142,33 @@ fn header_edits(
 }
 
 impl Checked {
+    /// Start every plugin once, as `weir run` would (each VM runs `on_vm_start`, each root
+    /// context `on_configure`, also for per-route and per-host configurations), and drop them:
+    /// a filter that rejects its configuration fails here with the plugin's location. The
+    /// compile cache (under `server.cache_dir`) is shared with `weir run`. Must run inside the
+    /// tokio runtime.
+    pub fn start_plugins(self) -> Result<(), ConfigErrors> {
+        if self.plugins.is_empty() {
+            return Ok(());
+        }
+        let config = weir_wasm_host::EngineConfig {
+            cache_dir: Some(self.cache_dir.join("wasm")),
+            ..Default::default()
+        };
+        let engine = weir_wasm_host::Engine::new(config).map_err(|e| {
+            ConfigErrors::one(&self.file, 0, 0, format!("wasm engine: {e}"))
+        })?;
+        let plugins = instantiate_plugins(
+            self.plugins,
+            &BTreeMap::new(),
+            Some(&engine),
+            &std::sync::Weak::new(),
+            &self.file,
+        )?;
+        drop(plugins);
+        Ok(())
+    }
+
     /// Start clusters (reusing those of `previous` whose config is unchanged), build the route
     /// tables and the access log. Must run inside the tokio runtime.
     pub fn instantiate(

@@ -257,6 +257,32 @@ async fn a_plugin_that_rejects_its_configuration_fails_the_config() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("unknown plugin `nope`"), "{err}");
+
+    // `weir validate` starts the plugins too, so it catches the rejection before a deploy.
+    let dir = tempfile::tempdir().unwrap();
+    let validate = |text: String| {
+        let file = dir.path().join("weir.yaml");
+        std::fs::write(&file, text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+            .arg("validate")
+            .arg(&file)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, stderr) = validate(cfg(&good, routes, up.addr, ""));
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stderr) = validate(cfg(
+        &good.replace("config: ok", "config: reject"),
+        routes,
+        up.addr,
+        "",
+    ));
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("weir.yaml:6:") && stderr.contains("plugins[h]"),
+        "{stderr}"
+    );
 }
 
 #[test]
