@@ -121,10 +121,7 @@ async fn handle(
             let mut out = String::with_capacity(16 * 1024);
             shared.registry.render(&mut out);
             render_cluster_gauges(&shared, &mut out);
-            for entry in shared.snapshot.load().plugins.values() {
-                entry.plugin.render_prometheus(&mut out);
-            }
-            weir_wasm_host::render_filter_metrics(&mut out);
+            render_plugin_metrics(&shared, &mut out);
             reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -193,6 +190,29 @@ fn clusters_json(shared: &Shared) -> String {
         })
         .collect();
     serde_json::to_string_pretty(&serde_json::json!({ "clusters": clusters })).unwrap_or_default()
+}
+
+/// Per-plugin host stats (families kept together), the engine's live VMs, and the metrics the
+/// filters define.
+fn render_plugin_metrics(shared: &Shared, out: &mut String) {
+    let snapshot = shared.snapshot.load();
+    let stats: Vec<_> = snapshot
+        .plugins
+        .iter()
+        .map(|(name, entry)| (name.as_str(), entry.plugin.stats()))
+        .collect();
+    weir_wasm_host::render_plugin_stats(&stats, out);
+    if let Some(engine) = shared.engine.get() {
+        let (vms, bytes) = engine.live_vms();
+        let _ = writeln!(
+            out,
+            "# HELP weir_wasm_vms VM instances alive (old configurations' VMs count until freed).\n\
+             # TYPE weir_wasm_vms gauge\nweir_wasm_vms {vms}\n\
+             # HELP weir_wasm_vms_memory_bytes Linear memory of the VM instances alive.\n\
+             # TYPE weir_wasm_vms_memory_bytes gauge\nweir_wasm_vms_memory_bytes {bytes}"
+        );
+    }
+    weir_wasm_host::render_filter_metrics(out);
 }
 
 fn render_cluster_gauges(shared: &Shared, out: &mut String) {

@@ -1155,9 +1155,8 @@ impl Checked {
             cache_dir: Some(self.cache_dir.join("wasm")),
             ..Default::default()
         };
-        let engine = weir_wasm_host::Engine::new(config).map_err(|e| {
-            ConfigErrors::one(&self.file, 0, 0, format!("wasm engine: {e}"))
-        })?;
+        let engine = weir_wasm_host::Engine::new(config)
+            .map_err(|e| ConfigErrors::one(&self.file, 0, 0, format!("wasm engine: {e}")))?;
         let plugins = instantiate_plugins(
             self.plugins,
             &BTreeMap::new(),

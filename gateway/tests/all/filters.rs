@@ -268,7 +268,10 @@ async fn a_plugin_that_rejects_its_configuration_fails_the_config() {
             .arg(&file)
             .output()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (code, stderr) = validate(cfg(&good, routes, up.addr, ""));
     assert_eq!(code, Some(0), "{stderr}");
@@ -358,6 +361,17 @@ async fn plugin_updates_under_load_fail_no_request() {
     };
     let gw = gateway(&make(0)).await;
     let addr = gw.addr("main").await;
+    // One sample of a gauge from /metrics.
+    let gauge = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+    };
+    assert_eq!(get(addr, "x", "/", &[]).await.status, 200);
+    let before = admin_get(gw.admin(), "/metrics").await.body;
+    let vms_before = gauge(&before, "weir_wasm_vms");
+    let memory_before = gauge(&before, "weir_wasm_vms_memory_bytes");
+    assert!(vms_before >= 1 && memory_before > 0, "{before}");
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
     for _ in 0..4 {
@@ -401,6 +415,30 @@ async fn plugin_updates_under_load_fail_no_request() {
     // The last config is in force.
     let r = get(addr, "x", "/", &[]).await;
     assert_eq!(r.seen_header("x-config").as_deref(), Some("v10"));
+    // The old VMs were freed once their requests were done: the VMs alive are the current
+    // plugin's, and so is all the linear memory.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let m = admin_get(gw.admin(), "/metrics").await.body;
+        let (vms, memory) = (
+            gauge(&m, "weir_wasm_vms"),
+            gauge(&m, "weir_wasm_vms_memory_bytes"),
+        );
+        let plugin_memory = gauge(&m, "weir_wasm_memory_bytes{plugin=\"p\"}");
+        if vms == vms_before && memory == plugin_memory {
+            eprintln!(
+                "after 10 module/config updates under load: {vms} VMs, {memory} bytes of linear \
+                 memory (before: {vms_before} VMs, {memory_before} bytes)"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old VMs not freed: {vms} VMs alive ({vms_before} before), {memory} bytes of \
+             linear memory, the plugin's {plugin_memory}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -433,6 +433,16 @@ pub fn render_filter_metrics(out: &mut String) {
     }
 }
 
+/// The VMs of an engine alive now, whatever plugin or configuration they belong to: VMs of
+/// an old configuration count until their last request is done and they are freed.
+#[derive(Debug, Default)]
+pub struct LiveVms {
+    /// VM instances (replicas) alive.
+    pub vms: AtomicU64,
+    /// Their linear memory, in bytes (as of each VM's last guest call).
+    pub memory_bytes: AtomicU64,
+}
+
 /// Per-plugin host counters (plain atomics, shared by a plugin's per-route instances).
 #[derive(Debug, Default)]
 pub struct PluginStats {

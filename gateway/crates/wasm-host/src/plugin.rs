@@ -55,6 +55,7 @@ pub(crate) struct EngineInner {
     modules: Mutex<HashMap<[u8; 32], Module>>,
     groups: Mutex<HashMap<GroupKey, Weak<VmGroup>>>,
     stop: Arc<AtomicBool>,
+    live: Arc<crate::metrics::LiveVms>,
 }
 
 impl Drop for EngineInner {
@@ -113,6 +114,7 @@ impl Engine {
                 modules: Mutex::new(HashMap::new()),
                 groups: Mutex::new(HashMap::new()),
                 stop,
+                live: Default::default(),
             }),
         })
     }
@@ -123,6 +125,16 @@ impl Engine {
             .values()
             .filter(|w| w.strong_count() > 0)
             .count()
+    }
+
+    /// VM instances alive now (every replica of every VM, old configurations' VMs included
+    /// until they are freed) and their linear memory in bytes.
+    pub fn live_vms(&self) -> (u64, u64) {
+        let l = &self.inner.live;
+        (
+            l.vms.load(Ordering::Relaxed),
+            l.memory_bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// The settings the engine was built with.
@@ -913,6 +925,7 @@ fn new_group(
                     notify,
                     timers: Mutex::new(HashMap::new()),
                     memory_bytes: Default::default(),
+                    live: engine.inner.live.clone(),
                 }),
             }
         })

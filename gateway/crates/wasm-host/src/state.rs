@@ -79,6 +79,8 @@ pub(crate) struct VmShared {
     pub timers: Mutex<HashMap<u32, (Duration, Instant)>>,
     /// Linear memory bytes of this replica's VM (for stats).
     pub memory_bytes: AtomicU64,
+    /// The engine's count of live VMs.
+    pub live: Arc<crate::metrics::LiveVms>,
 }
 
 /// What kind of callout a token stands for.

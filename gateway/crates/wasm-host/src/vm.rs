@@ -124,6 +124,17 @@ pub(crate) struct Vm {
     pub tick: Duration,
     /// Guest calls made, for sampling their CPU time.
     calls: u32,
+    /// Linear memory size last added to the engine's [`LiveVms`](crate::metrics::LiveVms).
+    reported_memory: u64,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let live = &self.store.data().shared.live;
+        live.vms.fetch_sub(1, Ordering::Relaxed);
+        live.memory_bytes
+            .fetch_sub(self.reported_memory, Ordering::Relaxed);
+    }
 }
 
 /// One guest call in this many has its CPU time measured: reading the thread's CPU clock is a
@@ -227,12 +238,32 @@ impl Vm {
             ok_exit(e, store.data().limiter.hit)?;
         }
         store.data_mut().phase = Phase::Running;
-        Ok(Vm {
+        store.data().shared.live.vms.fetch_add(1, Ordering::Relaxed);
+        let mut vm = Vm {
             store,
             exports,
             tick,
             calls: 0,
-        })
+            reported_memory: 0,
+        };
+        vm.report_memory();
+        Ok(vm)
+    }
+
+    /// Publish the linear memory size (it only changes when the guest grows it).
+    fn report_memory(&mut self) {
+        let Some(mem) = self.store.data().memory else {
+            return;
+        };
+        let size = mem.data_size(&self.store) as u64;
+        if size != self.reported_memory {
+            let shared = &self.store.data().shared;
+            shared.memory_bytes.store(size, Ordering::Relaxed);
+            let live = &shared.live.memory_bytes;
+            live.fetch_add(size, Ordering::Relaxed);
+            live.fetch_sub(self.reported_memory, Ordering::Relaxed);
+            self.reported_memory = size;
+        }
     }
 
     /// Call `f` under `deadline`, counting it in `stats`; classify a failure.
@@ -253,14 +284,7 @@ impl Vm {
             let used = thread_cpu_time().saturating_sub(started);
             stats.callback_cpu_nanos.record(used.as_nanos() as u64);
         }
-        if let Some(mem) = self.store.data().memory {
-            let size = mem.data_size(&self.store) as u64;
-            self.store
-                .data()
-                .shared
-                .memory_bytes
-                .store(size, Ordering::Relaxed);
-        }
+        self.report_memory();
         r.map_err(|e| {
             let failure = classify(&e, self.store.data().limiter.hit);
             match &failure {
