@@ -11,6 +11,18 @@ use crate::generator::{LoadConfig, Mode, Protocol, Target};
 use crate::report::{self, RunReport};
 use crate::svg;
 
+/// Parses `NAME: VALUE` into a request header.
+pub fn parse_header(s: &str) -> Result<(http::header::HeaderName, http::HeaderValue), String> {
+    let (name, value) = s
+        .split_once(':')
+        .ok_or_else(|| format!("`{s}`: expected NAME: VALUE"))?;
+    let name = http::header::HeaderName::from_bytes(name.trim().as_bytes())
+        .map_err(|e| format!("`{s}`: header name: {e}"))?;
+    let value = http::HeaderValue::from_str(value.trim())
+        .map_err(|e| format!("`{s}`: header value: {e}"))?;
+    Ok((name, value))
+}
+
 /// Parses `250ms`, `10s`, `2m` or a bare number of seconds (`1.5`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -46,6 +58,9 @@ pub struct LoadArgs {
     /// File of requests to send in turn, one `HOST PATH` per line (overrides --host/--path).
     #[arg(long)]
     pub targets_file: Option<PathBuf>,
+    /// An extra request header, `NAME: VALUE`, sent with every request; repeatable.
+    #[arg(long = "header", value_parser = parse_header)]
+    pub headers: Vec<(http::header::HeaderName, http::HeaderValue)>,
     /// Protocol.
     #[arg(long, value_enum, default_value = "h1")]
     pub protocol: Protocol,
@@ -131,6 +146,7 @@ impl LoadArgs {
             duration: self.duration,
             timeout: self.timeout,
             targets,
+            headers: self.headers.clone(),
             tls,
             server_name: self.server_name.clone(),
             progress: !self.no_progress,

@@ -115,6 +115,8 @@ pub struct LoadConfig {
     pub timeout: Duration,
     /// Requests to send, in turn (worker `w` starts at `w mod len`).
     pub targets: Vec<Target>,
+    /// Extra request headers sent with every request (e.g. `authorization`).
+    pub headers: Vec<(header::HeaderName, HeaderValue)>,
     /// TLS client configuration, required for TLS protocols (its ALPN is set per protocol).
     pub tls: Option<Arc<ClientConfig>>,
     /// SNI and certificate name to expect.
@@ -141,6 +143,7 @@ impl LoadConfig {
                 host: addr.to_string(),
                 path: path.to_string(),
             }],
+            headers: Vec::new(),
             tls: None,
             server_name: "localhost".into(),
             progress: false,
@@ -485,9 +488,13 @@ async fn exchange(
     sender: &mut Sender,
     uri: &Uri,
     host: &HeaderValue,
+    extra: &[(header::HeaderName, HeaderValue)],
     close: bool,
 ) -> Result<(u16, u64), BoxError> {
     let mut builder = Request::get(uri.clone());
+    for (name, value) in extra {
+        builder = builder.header(name, value);
+    }
     let resp = match sender {
         Sender::H1(s) => {
             builder = builder.header(header::HOST, host.clone());
@@ -642,8 +649,11 @@ async fn stream_loop(shared: &Shared, mut sender: Sender, worker: usize) -> (Sta
         };
         let (uri, host) = &shared.requests[next];
         next = (next + 1) % shared.requests.len();
-        let result =
-            tokio::time::timeout(shared.cfg.timeout, exchange(&mut sender, uri, host, false)).await;
+        let result = tokio::time::timeout(
+            shared.cfg.timeout,
+            exchange(&mut sender, uri, host, &shared.cfg.headers, false),
+        )
+        .await;
         let ok = shared.record(&mut stats, started, in_window, result);
         if !ok && (matches!(sender, Sender::H1(_)) || sender.is_closed()) {
             return (stats, Outcome::Reconnect);
@@ -658,7 +668,7 @@ async fn per_request_loop(shared: &Shared, worker: usize, stats: &mut Stats) {
         next = (next + 1) % shared.requests.len();
         let result = tokio::time::timeout(shared.cfg.timeout, async {
             let mut sender = connect(shared).await?;
-            exchange(&mut sender, uri, host, true).await
+            exchange(&mut sender, uri, host, &shared.cfg.headers, true).await
         })
         .await;
         if !shared.record(stats, started, in_window, result) {
@@ -675,7 +685,7 @@ pub async fn probe(cfg: &LoadConfig) -> Result<u16, String> {
     let (uri, host) = &shared.requests[0];
     let attempt = async {
         let mut sender = connect(&shared).await?;
-        let (status, _) = exchange(&mut sender, uri, host, true).await?;
+        let (status, _) = exchange(&mut sender, uri, host, &shared.cfg.headers, true).await?;
         Ok::<_, BoxError>(status)
     };
     match tokio::time::timeout(cfg.timeout, attempt).await {
@@ -743,7 +753,8 @@ pub async fn hold_idle(
             let (uri, host) = &shared.requests[i % shared.requests.len()];
             let attempt = async {
                 let mut sender = connect(shared).await?;
-                let (status, _) = exchange(&mut sender, uri, host, false).await?;
+                let (status, _) =
+                    exchange(&mut sender, uri, host, &shared.cfg.headers, false).await?;
                 if (200..300).contains(&status) {
                     Ok(sender)
                 } else {

@@ -32,6 +32,8 @@ pub struct Plan {
     pub target: Target,
     /// Requests to rotate through.
     pub targets_file: Option<PathBuf>,
+    /// Extra request headers, `NAME: VALUE`.
+    pub headers: Vec<String>,
     /// Measured time.
     pub duration: Duration,
     /// Warm-up.
@@ -52,6 +54,7 @@ impl Plan {
                 path: path.into(),
             },
             targets_file: None,
+            headers: Vec::new(),
             duration: opts.duration,
             warmup: opts.warmup,
         }
@@ -463,6 +466,9 @@ impl Env {
         if let Some(t) = &plan.targets_file {
             args.extend(["--targets-file".into(), t.display().to_string()]);
         }
+        for h in &plan.headers {
+            args.extend(["--header".into(), h.clone()]);
+        }
         if plan.protocol.is_tls() {
             let ca = self
                 .pki
@@ -788,8 +794,41 @@ fn builtin(name: &str) -> WasmFilter {
     }
 }
 
+/// The token every request of the wasm scenario carries: HS256, signed with
+/// [`BENCH_JWT_KEY`], issuer `https://bench.weir.invalid`, audience `bench`, expiring in 2100.
+pub const BENCH_JWT: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCIsImtpZCI6ImJlbmNoIn0.\
+eyJpc3MiOiJodHRwczovL2JlbmNoLndlaXIuaW52YWxpZCIsInN1YiI6ImxvYWQiLCJhdWQiOiJiZW5jaCIsImV4cCI6\
+NDEwMjQ0NDgwMH0.oOhOQjCC2i-t0Yw7HlcSuGmkkak8xx4VAlB6dqYpMA8";
+
+/// The HS256 key (base64url, a JWK `oct` key) that signed [`BENCH_JWT`].
+pub const BENCH_JWT_KEY: &str = "d2Vpci1iZW5jaC1oczI1Ni1zZWNyZXQtMDEyMzQ1Njc4OQ";
+
+/// The three filters of the wasm scenario's last variant, configured as a platform team would:
+/// a JWT required on every path, a rate limit far above the offered load (so every request is
+/// counted but none refused), and Istio's standard metrics.
+fn policy_filters() -> Vec<WasmFilter> {
+    let jwks = serde_json::json!({
+        "keys": [{ "kty": "oct", "kid": "bench", "alg": "HS256", "k": BENCH_JWT_KEY }]
+    });
+    let jwt = serde_json::json!({
+        "providers": [{
+            "name": "bench",
+            "issuer": "https://bench.weir.invalid",
+            "audiences": ["bench"],
+            "jwks": jwks.to_string(),
+        }],
+        "rules": [{ "match": { "prefix": "/" }, "requires": { "provider_name": "bench" } }],
+    });
+    let ratelimit = serde_json::json!({ "requests": 100_000_000u64, "per": "1s" });
+    let mut filters = vec![builtin("jwt-authn"), builtin("ratelimit"), builtin("stats")];
+    filters[0].config = Some(jwt.to_string());
+    filters[1].config = Some(ratelimit.to_string());
+    filters
+}
+
 /// Weir with 0 filters, 1 filter (no-op) and 3 filters (jwt-authn, ratelimit, stats), all
-/// built-in. A variant Weir refuses (a filter not shipped yet) is skipped with Weir's message.
+/// built-in; every request carries [`BENCH_JWT`]. A variant Weir refuses is skipped with
+/// Weir's message.
 pub async fn wasm(env: &mut Env) -> Result<ScenarioResult, String> {
     let weir = match env.binary(Kind::Weir) {
         Ok(b) => b,
@@ -806,7 +845,7 @@ pub async fn wasm(env: &mut Env) -> Result<ScenarioResult, String> {
         ("weir, 1 filter (no-op)", vec![builtin("noop")]),
         (
             "weir, 3 filters (jwt-authn, ratelimit, stats)",
-            vec![builtin("jwt-authn"), builtin("ratelimit"), builtin("stats")],
+            policy_filters(),
         ),
     ] {
         let ports = free_ports(2)?;
@@ -818,19 +857,21 @@ pub async fn wasm(env: &mut Env) -> Result<ScenarioResult, String> {
         );
         spec.access_log = env.opts.access_log;
         spec.wasm_filters = filters;
+        let mut probe = contender::probe_for(
+            spec.listen,
+            &Target {
+                host: "localhost".into(),
+                path: "/".into(),
+            },
+            None,
+        );
+        probe.headers = vec![bearer()];
         let launch = Launch {
             binary: &weir,
             dir: env.work.join(format!("wasm-{}", contenders.len())),
             cpus: env.opts.cpus_proxy.clone(),
             nice: env.opts.nice,
-            probe: contender::probe_for(
-                spec.listen,
-                &Target {
-                    host: "localhost".into(),
-                    path: "/".into(),
-                },
-                None,
-            ),
+            probe,
         };
         match contender::start(Kind::Weir, &spec, launch).await {
             Ok(mut r) => {
@@ -840,15 +881,21 @@ pub async fn wasm(env: &mut Env) -> Result<ScenarioResult, String> {
             Err(e) => env.skip(format!("{label}: {}", e.lines().last().unwrap_or(&e))),
         }
     }
+    let mut plan = Plan::new(&env.opts, "/");
+    plan.headers = vec![format!("authorization: Bearer {BENCH_JWT}")];
     let sections = vec![
-        env.section(
-            "Weir with wasm filters",
-            &contenders,
-            &Plan::new(&env.opts, "/"),
-        )
-        .await?,
+        env.section("Weir with wasm filters", &contenders, &plan)
+            .await?,
     ];
     env.publish("wasm", sections)
+}
+
+/// The `authorization` header carrying [`BENCH_JWT`].
+fn bearer() -> (http::header::HeaderName, http::HeaderValue) {
+    (
+        http::header::AUTHORIZATION,
+        http::HeaderValue::from_str(&format!("Bearer {BENCH_JWT}")).expect("a valid header value"),
+    )
 }
 
 /// A reload every 100 ms under a closed-loop load; failed requests are counted.
