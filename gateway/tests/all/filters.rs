@@ -331,7 +331,7 @@ async fn builtin_filters_are_embedded() {
         .unwrap_err();
     assert!(
         err.to_string()
-            .contains("unknown built-in filter `nope`: built-in filters are noop"),
+            .contains("unknown built-in filter `nope`: built-in filters are jwt-authn, noop,"),
         "{err}"
     );
 }

@@ -92,9 +92,34 @@ pub struct CheckReport {
 pub struct CheckError(String);
 
 /// Inspect a module without running it.
+///
+/// The report of a module is remembered (by its sha256) for the life of the process: a config
+/// reload that keeps its modules does not check them again.
 pub fn check_module(bytes: &[u8]) -> Result<CheckReport, CheckError> {
+    use sha2::Digest;
+    static CHECKED: std::sync::Mutex<Vec<([u8; 32], CheckReport)>> =
+        std::sync::Mutex::new(Vec::new());
+    let key: [u8; 32] = sha2::Sha256::digest(bytes).into();
+    let cached = |c: &Vec<([u8; 32], CheckReport)>| {
+        c.iter().find(|(k, _)| *k == key).map(|(_, r)| r.clone())
+    };
+    if let Some(r) = cached(&CHECKED.lock().unwrap_or_else(|e| e.into_inner())) {
+        return Ok(r);
+    }
+    let report = check_uncached(bytes)?;
+    let mut c = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if c.len() >= 64 {
+        c.remove(0);
+    }
+    c.push((key, report.clone()));
+    Ok(report)
+}
+
+fn check_uncached(bytes: &[u8]) -> Result<CheckReport, CheckError> {
     let mut cfg = wasmtime::Config::new();
     cfg.epoch_interruption(true);
+    // The code is only inspected, never run: the quickest compilation will do.
+    cfg.cranelift_opt_level(wasmtime::OptLevel::None);
     let engine = wasmtime::Engine::new(&cfg).map_err(|e| CheckError(format!("{e:#}")))?;
     let module = Module::new(&engine, bytes).map_err(|e| CheckError(format!("{e:#}")))?;
     let exports: Vec<String> = module.exports().map(|e| e.name().to_owned()).collect();
