@@ -58,8 +58,8 @@ fn filter(
 async fn call(p: &Arc<Plugin>, key: &str) -> (Option<weir_wasm_host::LocalReply>, http::HeaderMap) {
     let x = exchange(p, request("/", &[("x-api-key", key)])).await;
     match x.request_decision {
-        Decision::Continue => (None, x.response.headers),
-        Decision::LocalReply(r) => (Some(*r), x.response.headers),
+        Decision::Continue => (None, x.response.headers.clone()),
+        Decision::LocalReply(r) => (Some(*r), x.response.headers.clone()),
         other => panic!("unexpected decision {other:?}"),
     }
 }
@@ -239,6 +239,7 @@ async fn stats_export_istio_metrics_with_labels() {
         headers: http::HeaderMap::new(),
     };
     resp.headers.insert("grpc-status", "7".parse().unwrap());
+    let mut resp = Arc::new(resp);
     stream.on_response_headers(&mut resp, true).await;
     stream.finish();
 
@@ -318,11 +319,11 @@ async fn stats_fold_label_combinations_past_the_limit() {
         "a.example",
     ] {
         let mut head = request("/", &[]);
-        head.authority = host.into();
+        Arc::make_mut(&mut head).authority = host.into();
         let mut stream = p.new_stream(crate::support::info());
         stream.on_request_headers(&mut head, true).await;
         stream
-            .on_response_headers(&mut weir_wasm_host::ResponseHead::default(), true)
+            .on_response_headers(&mut Arc::new(weir_wasm_host::ResponseHead::default()), true)
             .await;
         stream.finish();
     }
@@ -361,7 +362,7 @@ async fn filters_take_header_values_that_are_not_utf8() {
     let stats = filter("stats", "stats-bytes", "", 1, Arc::new(NoopEnv));
     for (p, name) in [(&rl, "x-api-key"), (&stats, "content-type")] {
         let mut head = request("/caf\u{e9}", &[]);
-        head.headers.insert(
+        Arc::make_mut(&mut head).headers.insert(
             http::HeaderName::from_static(name),
             http::HeaderValue::from_bytes(b"text/\xffplain").unwrap(),
         );
