@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::middleware::StateInformationMiddleware;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use weir_wasm_host::RateLimitQuota;
@@ -63,7 +63,7 @@ impl RouteRateLimiter {
         // Allocation only for the lookup key; governor's map is sharded and lock-free for reads.
         match self.limiter.check_key(&key.to_vec()) {
             Ok(()) => Ok(()),
-            Err(not_until) => Err(not_until.wait_time_from(DefaultClock::default().now())),
+            Err(not_until) => Err(not_until.wait_time_from(self.limiter.clock().now())),
         }
     }
 
@@ -125,7 +125,9 @@ impl QuotaLimiters {
     ) -> Result<QuotaDecision, TooManyQuotas> {
         let limiter = self.limiter(quota)?;
         let key = key.as_bytes().to_vec();
-        let now = DefaultClock::default().now();
+        // The limiter's own clock: `DefaultClock::default()` calibrates a new clock (CPUID)
+        // every time, a cost on every call.
+        let now = limiter.limiter.clock().now();
         let outcome = match NonZeroU32::new(cost) {
             None | Some(NonZeroU32::MIN) => Ok(limiter.limiter.check_key(&key)),
             Some(n) => limiter.limiter.check_key_n(&key, n),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use http_body_util::BodyExt;
 use weir_wasm_host::{
@@ -229,7 +229,7 @@ impl HostEnv for GatewayEnv {
                     Duration::ZERO,
                 )),
                 Ok(Err(not_until)) => {
-                    let wait = not_until.wait_time_from(DefaultClock::default().now());
+                    let wait = not_until.wait_time_from(limiter.clock().now());
                     Ok(weir_wasm_host::encode_rate_limit_result(false, wait))
                 }
                 // More than the burst can ever allow.
