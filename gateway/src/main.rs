@@ -5,11 +5,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc instead of the system allocator: the proxy allocates and frees small objects on
-/// every request, often on different worker threads, where glibc's malloc is slow.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Weir: a WebAssembly-extensible API gateway.
 #[derive(Parser)]
 #[command(name = "weir", version, about, after_help = EXAMPLES)]
