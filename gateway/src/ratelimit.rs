@@ -27,6 +27,8 @@ pub enum Key {
 /// A route's rate limiter.
 pub struct RouteRateLimiter {
     limiter: DefaultKeyedRateLimiter<Vec<u8>>,
+    /// Checks so far, to sweep full buckets every [`SWEEP_EVERY`].
+    calls: AtomicU64,
     /// How buckets are keyed.
     pub key: Key,
     /// Fingerprint of the settings, to keep the limiter (and its buckets) across reloads.
@@ -53,6 +55,7 @@ impl RouteRateLimiter {
         let quota = Quota::with_period(per / requests.get())?.allow_burst(burst);
         Some(RouteRateLimiter {
             limiter: DefaultKeyedRateLimiter::keyed(quota),
+            calls: AtomicU64::new(0),
             key,
             fingerprint,
         })
@@ -60,6 +63,11 @@ impl RouteRateLimiter {
 
     /// Take a token for `key`; on refusal, how long until one is available.
     pub fn check(&self, key: &[u8]) -> Result<(), Duration> {
+        // Buckets of keys gone quiet (full again) are dropped now and then: memory follows the
+        // keys in use, not every client ever seen.
+        if self.calls.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            self.shrink();
+        }
         // Allocation only for the lookup key; governor's map is sharded and lock-free for reads.
         match self.limiter.check_key(&key.to_vec()) {
             Ok(()) => Ok(()),
@@ -77,7 +85,7 @@ impl RouteRateLimiter {
 /// Distinct quotas one [`QuotaLimiters`] keeps; calls with more answer [`TooManyQuotas`].
 pub const MAX_QUOTAS: usize = 256;
 
-/// Calls to one quota's limiter between two sweeps of its full buckets.
+/// Calls to one limiter between two sweeps of its full buckets.
 const SWEEP_EVERY: u64 = 4096;
 
 /// The answer to a [`QuotaLimiters::check`].
@@ -201,6 +209,27 @@ mod tests {
         let wait = l.check(b"a").unwrap_err();
         assert!(wait > Duration::from_secs(1));
         assert!(l.check(b"b").is_ok());
+    }
+
+    #[test]
+    fn buckets_of_quiet_keys_are_swept() {
+        // 1,000 per second: a used bucket is full again after 1 ms.
+        let l = RouteRateLimiter::new(
+            NonZeroU32::new(1000).unwrap(),
+            Duration::from_secs(1),
+            NonZeroU32::new(1).unwrap(),
+            Key::ClientIp,
+            String::new(),
+        )
+        .unwrap();
+        for i in 0..SWEEP_EVERY - 1 {
+            assert!(l.check(&i.to_le_bytes()).is_ok());
+        }
+        assert_eq!(l.limiter.len(), (SWEEP_EVERY - 1) as usize);
+        std::thread::sleep(Duration::from_millis(20));
+        // This check sweeps first: every earlier bucket is full again and goes.
+        assert!(l.check(b"new").is_ok());
+        assert_eq!(l.limiter.len(), 1);
     }
 
     fn quota(requests: u32, per: Duration, burst: u32) -> RateLimitQuota {
