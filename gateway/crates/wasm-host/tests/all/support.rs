@@ -69,7 +69,6 @@ pub fn engine(replicas: usize) -> Engine {
 /// The test host environment: cluster `auth` answers by `x-user` (`alice` → 200 `ok-alice`,
 /// `fail` → reset, `hang` → never answers, anything else → 401); foreign function `weir_test_echo` reverses its
 /// argument; logs are recorded. gRPC streams go to the servers of `grpc_clusters`.
-#[derive(Default)]
 pub struct TestEnv {
     /// HTTP callouts answered so far.
     pub answered: Arc<std::sync::atomic::AtomicUsize>,
@@ -77,6 +76,8 @@ pub struct TestEnv {
     pub calls: Mutex<Vec<http::Request<Bytes>>>,
     /// gRPC clusters (streams only): name → server address.
     pub grpc_clusters: grpc_server::GrpcClusters,
+    /// Callouts for user `gated` answer (as for `alice`) only after a permit is added here.
+    pub gate: Arc<tokio::sync::Semaphore>,
     foreign: ForeignRegistry,
 }
 
@@ -108,7 +109,11 @@ impl TestEnv {
         });
         Arc::new(Self {
             foreign,
-            ..Default::default()
+            answered: Default::default(),
+            logs: Default::default(),
+            calls: Default::default(),
+            grpc_clusters: Default::default(),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
         })
     }
 
@@ -176,13 +181,17 @@ impl HostEnv for TestEnv {
             });
         }
         let answered = self.answered.clone();
+        let gate = self.gate.clone();
         Box::pin(async move {
             // Answer asynchronously, as a real upstream would.
             tokio::task::yield_now().await;
+            if user == "gated" {
+                gate.acquire().await.expect("the gate stays open").forget();
+            }
             let r = match user.as_str() {
                 "hang" => std::future::pending().await,
                 "fail" => Err(CallError::Reset("connection refused".into())),
-                "alice" | "" => {
+                "alice" | "gated" | "" => {
                     let mut r = http::Response::new(Bytes::from(format!("ok-{user}")));
                     r.headers_mut()
                         .insert("x-from", HeaderValue::from_static("auth"));

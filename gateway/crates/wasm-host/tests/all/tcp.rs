@@ -229,7 +229,8 @@ async fn tcp_callout_resumes_or_closes_a_paused_connection() {
     let p = network(
         &env,
         "net-callout",
-        "callout,user=alice,upper",
+        // The auth callout answers only when the test opens the gate.
+        "callout,user=gated,upper",
         FailPolicy::Closed,
     );
     let mut s = p.new_network_stream(info());
@@ -240,6 +241,7 @@ async fn tcp_callout_resumes_or_closes_a_paused_connection() {
         data(&mut s, Direction::Downstream, "early", false),
         (NetworkDecision::Pause, String::new())
     );
+    env.gate.add_permits(1);
     let event = tokio::time::timeout(Duration::from_secs(5), s.resumed())
         .await
         .expect("the callout answers");
