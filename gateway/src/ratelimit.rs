@@ -66,19 +66,13 @@ impl RouteRateLimiter {
         // Buckets of keys gone quiet (full again) are dropped now and then: memory follows the
         // keys in use, not every client ever seen.
         if self.calls.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
-            self.shrink();
+            self.limiter.retain_recent();
         }
         // Allocation only for the lookup key; governor's map is sharded and lock-free for reads.
         match self.limiter.check_key(&key.to_vec()) {
             Ok(()) => Ok(()),
             Err(not_until) => Err(not_until.wait_time_from(self.limiter.clock().now())),
         }
-    }
-
-    /// Drop buckets that are full again (bounded memory).
-    pub fn shrink(&self) {
-        self.limiter.retain_recent();
-        self.limiter.shrink_to_fit();
     }
 }
 

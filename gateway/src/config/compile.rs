@@ -1155,7 +1155,9 @@ impl Checked {
             cache_dir: Some(self.cache_dir.join("wasm")),
             ..Default::default()
         };
+        // Validation may run where the cache directory cannot be written: compile without it.
         let engine = weir_wasm_host::Engine::new(config)
+            .or_else(|_| weir_wasm_host::Engine::new(weir_wasm_host::EngineConfig::default()))
             .map_err(|e| ConfigErrors::one(&self.file, 0, 0, format!("wasm engine: {e}")))?;
         let plugins = instantiate_plugins(
             self.plugins,

@@ -570,19 +570,6 @@ fn plugin_label(plugin: &str) -> String {
     format!("plugin=\"{escaped}\"")
 }
 
-impl StatsSnapshot {
-    /// Append these stats to `out` in the Prometheus text format, labelled `plugin="NAME"`,
-    /// without `# TYPE` lines. For several plugins use [`render_plugin_stats`], which keeps
-    /// each metric family together as the format requires.
-    pub fn render_prometheus(&self, plugin: &str, out: &mut String) {
-        let label = plugin_label(plugin);
-        for (name, _, _, v) in families(self) {
-            let _ = writeln!(out, "{name}{{{label}}} {v}");
-        }
-        self.callback_cpu_nanos.render(out, CPU_TIME, &label);
-    }
-}
-
 /// Render the stats of several plugins (`(name, stats)`, e.g. from
 /// [`crate::Plugin::name`] and [`crate::Plugin::stats`]) in the Prometheus text format, with
 /// `# HELP`/`# TYPE` lines and each family's samples together.

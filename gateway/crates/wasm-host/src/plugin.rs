@@ -874,11 +874,6 @@ impl Plugin {
         s
     }
 
-    /// Append this plugin's stats in the Prometheus text format (label `plugin`).
-    pub fn render_prometheus(&self, out: &mut String) {
-        self.stats().render_prometheus(&self.root.plugin_name, out);
-    }
-
     /// Number of VM replicas.
     pub fn replicas(&self) -> usize {
         self.group.replicas.len()

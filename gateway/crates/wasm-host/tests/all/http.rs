@@ -398,7 +398,7 @@ async fn metrics_foreign_functions_and_callback_order() {
     assert!(stats.memory_bytes > 0);
     assert_eq!(stats.traps, 0);
     let mut text = String::new();
-    p.render_prometheus(&mut text);
+    weir_wasm_host::render_plugin_stats(&[(p.name(), stats)], &mut text);
     assert!(text.contains("weir_wasm_callbacks_total{plugin=\"http-plugin\"}"));
 }
 
