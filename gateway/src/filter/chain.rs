@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use futures_util::lock::Mutex;
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::sync::Mutex;
 use weir_wasm_host::{Decision, HttpStream, LocalReply, RequestHead, ResponseHead};
 
 use crate::body::{BoxError, ProxyBody, full};
@@ -29,8 +30,12 @@ pub type Streams = Arc<Mutex<Vec<HttpStream>>>;
 
 /// What the request callbacks decided.
 pub enum RequestVerdict {
-    /// Send upstream with this body.
-    Forward(ProxyBody),
+    /// Send upstream with this body. `route_cache_cleared`: a filter changed the request
+    /// headers, so the route must be found again (Envoy's `clearRouteCache`).
+    Forward {
+        body: ProxyBody,
+        route_cache_cleared: bool,
+    },
     /// Answer with this response (already through the response callbacks).
     Reply(Response<ProxyBody>, String),
     /// Reset the downstream stream.
@@ -94,15 +99,18 @@ pub async fn on_request(
         }
     }
     let Some(paused) = paused_at else {
+        let route_cache_cleared = cleared(&guard);
         drop(guard);
-        if eos {
-            return Ok(RequestVerdict::Forward(body));
-        }
         // The filters may change the body's length as it streams.
-        return Ok(RequestVerdict::Forward(FilteredBody::request(
-            streams.clone(),
+        let body = if eos {
+            body
+        } else {
+            FilteredBody::request(streams.clone(), body)
+        };
+        return Ok(RequestVerdict::Forward {
             body,
-        )));
+            route_cache_cleared,
+        });
     };
     // A filter paused on the headers: buffer the body and give it whole to the filters.
     let mut data = match collect(body, BODY_BUFFER_LIMIT).await {
@@ -143,7 +151,15 @@ pub async fn on_request(
             data = held;
         }
     }
-    Ok(RequestVerdict::Forward(full(data.freeze())))
+    Ok(RequestVerdict::Forward {
+        body: full(data.freeze()),
+        route_cache_cleared: cleared(&guard),
+    })
+}
+
+/// Whether a filter changed the request headers.
+fn cleared(streams: &[HttpStream]) -> bool {
+    streams.iter().any(HttpStream::route_cache_cleared)
 }
 
 async fn collect(mut body: ProxyBody, limit: usize) -> Option<BytesMut> {
@@ -212,15 +228,32 @@ pub enum ResponseVerdict {
     Reset,
 }
 
+/// Where a request went upstream: the cluster and the endpoint's address.
+pub type Upstream = (Arc<str>, Option<std::net::SocketAddr>);
+
 /// Run the response headers (and, if a filter pauses, the buffered body) through the chain in
-/// reverse order.
-pub async fn on_response(streams: &Streams, resp: Response<ProxyBody>) -> ResponseVerdict {
+/// reverse order. `upstream` (if the request went upstream) is told to every stream first.
+///
+/// When no filter pauses and the body's first chunk has already arrived, that chunk runs through
+/// the body callbacks here; if it is the whole body, the response goes out with a
+/// `content-length` of what the filters left (Envoy keeps the header too), instead of streaming.
+pub async fn on_response(
+    streams: &Streams,
+    resp: Response<ProxyBody>,
+    upstream: Option<Upstream>,
+) -> ResponseVerdict {
     let mut guard = streams.lock().await;
-    let (parts, body) = resp.into_parts();
+    if let Some((cluster, addr)) = upstream {
+        for s in guard.iter_mut() {
+            s.set_upstream(cluster.clone(), addr);
+        }
+    }
+    let (parts, mut body) = resp.into_parts();
     let mut head = Arc::new(ResponseHead {
         status: parts.status,
         headers: parts.headers,
     });
+    let version = parts.version;
     let eos = body.is_end_stream();
     let n = guard.len();
     let mut paused_at = None;
@@ -237,28 +270,58 @@ pub async fn on_response(streams: &Streams, resp: Response<ProxyBody>) -> Respon
             Decision::Reset => return ResponseVerdict::Reset,
         }
     }
-    // The streams keep their views of the head: take it back, copied only if they must.
-    let rebuild = |head: Arc<ResponseHead>, body: ProxyBody, length_may_change: bool| {
-        let head = Arc::unwrap_or_clone(head);
-        let mut r = Response::new(body);
-        *r.status_mut() = head.status;
-        *r.headers_mut() = head.headers;
-        if length_may_change {
-            // The filters may change the body's length.
-            r.headers_mut().remove(http::header::CONTENT_LENGTH);
-            r.headers_mut().remove(http::header::TRANSFER_ENCODING);
-        }
-        *r.version_mut() = parts.version;
-        r
-    };
     let Some(paused) = paused_at else {
-        drop(guard);
-        let body = if eos {
-            body
-        } else {
-            FilteredBody::response(streams.clone(), body)
+        if eos {
+            drop(guard);
+            return ResponseVerdict::Send(respond(head, version, body, Length::Unchanged));
+        }
+        // The first chunk, if it is already here (it usually came in the same read as the
+        // headers): a body that is complete need not stream.
+        let first = match body.frame().now_or_never() {
+            None => {
+                drop(guard);
+                let body = FilteredBody::response(streams.clone(), body, None);
+                return ResponseVerdict::Send(respond(head, version, body, Length::MayChange));
+            }
+            Some(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    // Trailers (or another frame) first: stream them through the chain.
+                    drop(guard);
+                    let body = FilteredBody::response(streams.clone(), body, Some(Ok(frame)));
+                    return ResponseVerdict::Send(respond(head, version, body, Length::MayChange));
+                }
+            },
+            Some(Some(Err(e))) => {
+                drop(guard);
+                let body = FilteredBody::response(streams.clone(), body, Some(Err(e)));
+                return ResponseVerdict::Send(respond(head, version, body, Length::MayChange));
+            }
+            // Ended without a chunk: the filters see an empty end of stream.
+            Some(None) => Bytes::new(),
         };
-        return ResponseVerdict::Send(rebuild(head, body, !eos));
+        let end = body.is_end_stream();
+        let mut buf = into_mut(first.clone());
+        if run_data(&mut guard, Direction::Response, &mut buf, end)
+            .await
+            .is_err()
+        {
+            return ResponseVerdict::Reset;
+        }
+        drop(guard);
+        if end {
+            let length = Length::Exactly(buf.len());
+            // Untouched by the filters: send the chunk as it came.
+            let data = if buf[..] == first[..] {
+                first
+            } else {
+                buf.freeze()
+            };
+            return ResponseVerdict::Send(respond(head, version, full(data), length));
+        }
+        let filtered = (!buf.is_empty()).then(|| Frame::data(buf.freeze()));
+        let body = FilteredBody::response_after(streams.clone(), body, filtered);
+        return ResponseVerdict::Send(respond(head, version, body, Length::MayChange));
     };
     let Some(mut data) = collect(body, BODY_BUFFER_LIMIT).await else {
         let r = LocalReply {
@@ -292,21 +355,94 @@ pub async fn on_response(streams: &Streams, resp: Response<ProxyBody>) -> Respon
             data = held;
         }
     }
-    ResponseVerdict::Send(rebuild(head, full(data.freeze()), true))
+    let length = Length::Exactly(data.len());
+    ResponseVerdict::Send(respond(head, version, full(data.freeze()), length))
 }
 
-/// Tell every stream where the request went.
-pub async fn set_upstream(streams: &Streams, cluster: &str, addr: Option<std::net::SocketAddr>) {
-    for s in streams.lock().await.iter_mut() {
-        s.set_upstream(cluster, addr);
+/// What the gateway knows of a response body's length after the filters.
+enum Length {
+    /// As the upstream sent it: keep its `content-length`.
+    Unchanged,
+    /// It streams through filters that may change it: no `content-length`.
+    MayChange,
+    /// Known in full.
+    Exactly(usize),
+}
+
+/// The response to send: the filters' view of the head (the streams keep theirs, so this
+/// copies it when there are filters) with `body`.
+fn respond(
+    head: Arc<ResponseHead>,
+    version: http::Version,
+    body: ProxyBody,
+    length: Length,
+) -> Response<ProxyBody> {
+    let head = Arc::unwrap_or_clone(head);
+    let mut r = Response::new(body);
+    *r.status_mut() = head.status;
+    *r.headers_mut() = head.headers;
+    *r.version_mut() = version;
+    match length {
+        Length::Unchanged => {}
+        Length::MayChange => {
+            r.headers_mut().remove(http::header::CONTENT_LENGTH);
+            r.headers_mut().remove(http::header::TRANSFER_ENCODING);
+        }
+        Length::Exactly(n) => {
+            r.headers_mut().remove(http::header::TRANSFER_ENCODING);
+            let told = r.headers().get(http::header::CONTENT_LENGTH);
+            if told.and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) != Some(n) {
+                r.headers_mut()
+                    .insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
+        }
     }
+    r
+}
+
+/// A chunk as a buffer the filters may edit; copied only when someone else holds it.
+fn into_mut(data: Bytes) -> BytesMut {
+    data.try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
+}
+
+/// Run one chunk of body through the body callbacks (chain order for the request, reverse for
+/// the response). A filter that holds the chunk (not at the end of the stream) leaves `buf`
+/// empty: the host keeps the bytes and gives them back, accumulated, when it continues.
+async fn run_data(
+    guard: &mut [HttpStream],
+    direction: Direction,
+    buf: &mut BytesMut,
+    eos: bool,
+) -> Result<(), FilterReset> {
+    let n = guard.len();
+    let request = direction == Direction::Request;
+    for k in 0..n {
+        let i = if request { k } else { n - 1 - k };
+        let decision = if request {
+            guard[i].on_request_body(buf, eos).await
+        } else {
+            guard[i].on_response_body(buf, eos).await
+        };
+        match decision {
+            Decision::Continue => {}
+            Decision::StopIteration if !eos => {
+                buf.clear();
+                return Ok(());
+            }
+            Decision::StopIteration => {}
+            // Headers have gone out: a reply or a reset now can only reset the stream.
+            Decision::LocalReply(_) | Decision::Reset => return Err(FilterReset),
+        }
+    }
+    Ok(())
 }
 
 /// Run `on_log`, `on_done`, `on_delete` on every stream (at the end of the response).
 pub fn finish(streams: &Streams) {
     match streams.try_lock() {
-        Ok(mut guard) => guard.iter_mut().for_each(HttpStream::finish),
-        Err(_) => {
+        Some(mut guard) => guard.iter_mut().for_each(HttpStream::finish),
+        None => {
             let streams = streams.clone();
             tokio::spawn(
                 async move { streams.lock().await.iter_mut().for_each(HttpStream::finish) },
@@ -328,6 +464,8 @@ pub struct FilteredBody {
     inner: ProxyBody,
     streams: Streams,
     direction: Direction,
+    /// A frame taken from `inner` before this body was made, still to run through the chain.
+    unfiltered: Option<Result<Frame<Bytes>, BoxError>>,
     /// The chain running on the current part. In a `Mutex` only to make the body `Sync`;
     /// it is reached through `&mut self` (`get_mut`), never locked.
     pending: Option<std::sync::Mutex<Pending>>,
@@ -338,24 +476,43 @@ pub struct FilteredBody {
 impl FilteredBody {
     /// The downstream request body, through the chain in order.
     pub fn request(streams: Streams, inner: ProxyBody) -> ProxyBody {
-        FilteredBody::boxed_with(streams, inner, Direction::Request)
+        FilteredBody::new(streams, inner, Direction::Request).boxed()
     }
 
-    /// The upstream response body, through the chain in reverse order.
-    pub fn response(streams: Streams, inner: ProxyBody) -> ProxyBody {
-        FilteredBody::boxed_with(streams, inner, Direction::Response)
+    /// The upstream response body, through the chain in reverse order, starting with
+    /// `unfiltered` (a frame already taken from `inner`) if there is one.
+    pub fn response(
+        streams: Streams,
+        inner: ProxyBody,
+        unfiltered: Option<Result<Frame<Bytes>, BoxError>>,
+    ) -> ProxyBody {
+        let mut body = FilteredBody::new(streams, inner, Direction::Response);
+        body.unfiltered = unfiltered;
+        body.boxed()
     }
 
-    fn boxed_with(streams: Streams, inner: ProxyBody, direction: Direction) -> ProxyBody {
+    /// The rest of the upstream response body after `filtered`, a chunk that went through the
+    /// chain already.
+    pub fn response_after(
+        streams: Streams,
+        inner: ProxyBody,
+        filtered: Option<Frame<Bytes>>,
+    ) -> ProxyBody {
+        let mut body = FilteredBody::new(streams, inner, Direction::Response);
+        body.ready.extend(filtered);
+        body.boxed()
+    }
+
+    fn new(streams: Streams, inner: ProxyBody, direction: Direction) -> FilteredBody {
         FilteredBody {
             inner,
             streams,
             direction,
+            unfiltered: None,
             pending: None,
             ready: Default::default(),
             done: false,
         }
-        .boxed()
     }
 }
 
@@ -375,29 +532,12 @@ async fn run_part(
     let mut guard = streams.lock().await;
     let n = guard.len();
     let request = direction == Direction::Request;
-    // Chain order for the request, reverse order for the response.
-    let order = (0..n).map(|k| if request { k } else { n - 1 - k });
     match part {
         Part::Data(data, eos) => {
-            // No copy when this is the only reference to the chunk.
-            let mut buf = data
-                .try_into_mut()
-                .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-            for i in order {
-                let decision = if request {
-                    guard[i].on_request_body(&mut buf, eos).await
-                } else {
-                    guard[i].on_response_body(&mut buf, eos).await
-                };
-                match decision {
-                    Decision::Continue => {}
-                    // The host keeps the bytes; they come back, accumulated, when the filter continues.
-                    Decision::StopIteration if !eos => return Ok(Vec::new()),
-                    Decision::StopIteration => {}
-                    // Headers have gone out: a reply or a reset now can only reset the stream.
-                    Decision::LocalReply(_) | Decision::Reset => return Err(Box::new(FilterReset)),
-                }
-            }
+            let mut buf = into_mut(data);
+            run_data(&mut guard, direction, &mut buf, eos)
+                .await
+                .map_err(Box::new)?;
             Ok(if buf.is_empty() {
                 Vec::new()
             } else {
@@ -406,7 +546,8 @@ async fn run_part(
         }
         Part::Trailers(mut trailers) => {
             let mut frames = Vec::new();
-            for i in order {
+            // Chain order for the request, reverse order for the response.
+            for i in (0..n).map(|k| if request { k } else { n - 1 - k }) {
                 let decision = if request {
                     guard[i].on_request_trailers(&mut trailers).await
                 } else {
@@ -459,7 +600,11 @@ impl Body for FilteredBody {
             if self.done {
                 return Poll::Ready(None);
             }
-            let part = match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            let next = match self.unfiltered.take() {
+                Some(frame) => Some(frame),
+                None => std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)),
+            };
+            let part = match next {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         let eos = self.inner.is_end_stream();

@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 
+use futures_util::lock::Mutex;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use tokio::sync::Mutex;
-use weir_wasm_host::{RequestHead, StreamInfo, TlsInfo};
+use weir_wasm_host::{RequestHead, StreamInfo, TlsInfo, empty_name};
 
 use super::logged_body::Finish;
 use super::service::{ConnInfo, authority, find_route, is_upgrade, run_action};
@@ -30,7 +30,6 @@ pub async fn serve(
     mut finish: Finish,
     links: &[&Link],
 ) -> Result<Response<ProxyBody>, BoxError> {
-    let host = normalize_host(authority(&req)).into_owned();
     let info = Arc::new(StreamInfo {
         source: Some(conn.remote),
         destination: Some(conn.local),
@@ -39,23 +38,20 @@ pub async fn serve(
             sni: conn.sni.clone(),
             ..Default::default()
         }),
-        route_name: route.name.to_string(),
-        cluster_name: String::new(),
-        listener_name: conn.listener.to_string(),
-        virtual_host_name: String::new(),
-        request_id: req
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string(),
+        route_name: route.name.clone(),
+        cluster_name: empty_name(),
+        listener_name: conn.listener.clone(),
+        virtual_host_name: empty_name(),
+        request_id: req.headers().get("x-request-id").cloned(),
         start_time: std::time::SystemTime::now(),
         protocol: req.version(),
     });
+    let host = normalize_host(authority(&req));
     let streams: Vec<_> = links
         .iter()
         .map(|l| l.resolve(&route.name, &host).new_stream(info.clone()))
         .collect();
+    drop(host);
     let streams = Arc::new(Mutex::new(streams));
     finish.filters = Some(streams.clone());
 
@@ -63,7 +59,7 @@ pub async fn serve(
     let (mut parts, body) = req.into_parts();
     let mut head = Arc::new(RequestHead {
         method: parts.method.clone(),
-        scheme: if conn.tls { "https" } else { "http" }.to_string(),
+        scheme: if conn.tls { "https" } else { "http" }.into(),
         authority: authority_of(&parts),
         path: parts
             .uri
@@ -88,8 +84,11 @@ pub async fn serve(
         }
         None => chain::on_request(&streams, &mut head, incoming(body)).await?,
     };
-    let body = match verdict {
-        RequestVerdict::Forward(body) => body,
+    let (body, cleared) = match verdict {
+        RequestVerdict::Forward {
+            body,
+            route_cache_cleared,
+        } => (body, route_cache_cleared),
         RequestVerdict::Reply(resp, details) => return Ok(finish.local(resp, "", details)),
         RequestVerdict::Reset => return Err(Box::new(FilterReset)),
     };
@@ -104,19 +103,33 @@ pub async fn serve(
         parts.headers.remove(header::CONTENT_LENGTH);
         parts.headers.remove(header::TRANSFER_ENCODING);
     }
-    let uri = if parts.uri.authority().is_some() {
-        format!("{}://{}{}", head.scheme, head.authority, head.path)
-    } else {
-        head.path.clone()
-    };
-    parts.uri = match uri.parse::<Uri>() {
-        Ok(u) => u,
-        Err(_) => {
-            let e = ProxyError::BadRequest("a filter set an invalid :path");
-            return Ok(finish.local(e.into_response(), e.flag(), e.details()));
-        }
-    };
-    if parts.uri.authority().is_none()
+    let absolute = parts.uri.authority().is_some();
+    let unchanged = parts.uri.path_and_query().map_or("/", |p| p.as_str()) == head.path
+        && (!absolute
+            || (parts
+                .uri
+                .authority()
+                .is_some_and(|a| a.as_str() == head.authority)
+                && parts.uri.scheme_str() == Some(&*head.scheme)));
+    if !unchanged {
+        let uri = if absolute {
+            format!("{}://{}{}", head.scheme, head.authority, head.path)
+        } else {
+            head.path.clone()
+        };
+        parts.uri = match uri.parse::<Uri>() {
+            Ok(u) => u,
+            Err(_) => {
+                let e = ProxyError::BadRequest("a filter set an invalid :path");
+                return Ok(finish.local(e.into_response(), e.flag(), e.details()));
+            }
+        };
+    }
+    if !absolute
+        && parts
+            .headers
+            .get(header::HOST)
+            .is_none_or(|h| h.as_bytes() != head.authority.as_bytes())
         && let Ok(v) = HeaderValue::from_str(&head.authority)
     {
         parts.headers.insert(header::HOST, v);
@@ -124,7 +137,6 @@ pub async fn serve(
     let req = Request::from_parts(parts, body);
 
     // Modified request headers clear the route cache: route again (Envoy's clearRouteCache).
-    let cleared = streams.lock().await.iter().any(|s| s.route_cache_cleared());
     let route = if cleared {
         match find_route(snapshot, conn, &req) {
             Some(r) => r,
@@ -139,10 +151,8 @@ pub async fn serve(
     finish.route = Some(route.clone());
 
     let answer = run_action(&route, conn, req, upgrade, &mut finish).await;
-    if let Some(cluster) = &finish.cluster {
-        chain::set_upstream(&streams, cluster, finish.upstream).await;
-    }
-    match chain::on_response(&streams, answer.response).await {
+    let upstream = finish.cluster.clone().map(|c| (c, finish.upstream));
+    match chain::on_response(&streams, answer.response, upstream).await {
         ResponseVerdict::Send(resp) => Ok(match answer.local {
             Some((flag, details)) => finish.local(resp, flag, details),
             None => finish.upstream_response(resp),

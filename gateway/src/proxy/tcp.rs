@@ -199,8 +199,8 @@ impl Connection {
             destination: Some(self.downstream.local),
             connection_id: self.downstream.id,
             tls: self.tls.clone(),
-            cluster_name: self.tcp.cluster.clone(),
-            listener_name: self.spec.name.to_string(),
+            cluster_name: self.tcp.cluster.as_str().into(),
+            listener_name: self.spec.name.clone(),
             start_time: self.start,
             ..StreamInfo::default()
         });

@@ -104,6 +104,96 @@ async fn request_and_response_bodies_are_buffered_and_replaced() {
     );
     let j: serde_json::Value = serde_json::from_str(r.body.trim_end_matches("-tail")).unwrap();
     assert_eq!(j["body"], "HELLO BODY!10", "request body replaced");
+    // The whole body went through the filter at once: its new length is announced.
+    assert_length_announced(&r);
+}
+
+/// The response came with a `content-length` of its body's length, not chunked.
+fn assert_length_announced(r: &Reply) {
+    assert_eq!(
+        r.headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()),
+        Some(r.body.len().to_string().as_str()),
+        "{:?}",
+        r.headers
+    );
+    assert!(r.headers.get("transfer-encoding").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filtered_responses_keep_their_length_or_stream() {
+    let up = upstream("up", Behavior::default()).await;
+    let plugins = "  - { name: n, module: \"builtin:noop\" }\n";
+    let routes = "  - { name: r, filters: [n], backends: [ { cluster: up } ] }\n";
+    let gw = gateway(&cfg(plugins, routes, up.addr, "")).await;
+    let addr = gw.addr("main").await;
+
+    // A body that arrives whole keeps its content-length, as in Envoy.
+    let r = get(addr, "x", "/echo", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_length_announced(&r);
+
+    // A body the upstream sends in pieces (the first with the headers, or after them) streams
+    // through the filter, every byte intact.
+    for first_with_headers in [true, false] {
+        let slow = trickling_upstream(first_with_headers).await;
+        let gw = gateway(&cfg(plugins, routes, slow, "")).await;
+        let r = get(gw.addr("main").await, "x", "/", &[]).await;
+        assert_eq!(r.status, 200);
+        let expected: String = (0..5u8)
+            .map(|i| char::from(b'a' + i).to_string().repeat(1000))
+            .collect();
+        assert!(
+            r.body == expected,
+            "{} bytes: {:?}",
+            r.body.len(),
+            r.headers
+        );
+    }
+}
+
+/// An HTTP/1.1 upstream that answers every request with `content-length: 5000` and sends the
+/// body in five pieces of 1,000 bytes ('a's, then 'b's...), 20 ms apart; the first piece goes
+/// out with the headers or 20 ms after them.
+async fn trickling_upstream(first_with_headers: bool) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Ok(n) = conn.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                    if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let mut out = b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n".to_vec();
+                for i in 0..5u8 {
+                    if i > 0 || !first_with_headers {
+                        if conn.write_all(&out).await.is_err() {
+                            return;
+                        }
+                        out.clear();
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    out.extend(std::iter::repeat_n(b'a' + i, 1000));
+                }
+                let _ = conn.write_all(&out).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    addr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,22 @@ pub struct EngineConfig {
     /// VM replicas per (module, vm_id, vm configuration). Default: the number of CPUs (tokio's
     /// default worker count). Each replica is driven by one request at a time.
     pub replicas: usize,
+    /// Which replica a new stream runs in. Default [`ReplicaChoice::PerThread`].
+    pub replica_choice: ReplicaChoice,
+}
+
+/// How a new stream picks the VM replica it runs in (and keeps for its whole life).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReplicaChoice {
+    /// Envoy's model: each thread that starts streams is given its own replica (the `n`-th
+    /// such thread takes replica `n % replicas`), so with one replica per worker thread a
+    /// worker never waits for another's VM and keeps its VM's memory in its own cache. While
+    /// that replica's VM is gone (it failed and waits for its restart backoff), the thread's
+    /// streams use the next replica that has a VM.
+    #[default]
+    PerThread,
+    /// Streams take the replicas in turn, whatever thread they start on.
+    RoundRobin,
 }
 
 impl Default for EngineConfig {
@@ -29,6 +45,7 @@ impl Default for EngineConfig {
             replicas: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
+            replica_choice: ReplicaChoice::default(),
         }
     }
 }

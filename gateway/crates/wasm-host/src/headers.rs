@@ -209,7 +209,7 @@ impl MapRef<'_> {
                     Arc::make_mut(h).method =
                         http::Method::from_bytes(v).map_err(|_| Status::BadArgument)?
                 }
-                b":scheme" => Arc::make_mut(h).scheme = text()?,
+                b":scheme" => Arc::make_mut(h).scheme = text()?.into(),
                 b":authority" => Arc::make_mut(h).authority = text()?,
                 b":path" => Arc::make_mut(h).path = text()?,
                 _ if key.starts_with(b":") => return Err(Status::BadArgument),
@@ -268,7 +268,7 @@ impl MapRef<'_> {
             return match self {
                 MapRef::Request(h) => {
                     match key {
-                        b":scheme" => Arc::make_mut(h).scheme.clear(),
+                        b":scheme" => Arc::make_mut(h).scheme = "".into(),
                         b":authority" => Arc::make_mut(h).authority.clear(),
                         b":path" => Arc::make_mut(h).path.clear(),
                         _ => {}

@@ -36,7 +36,7 @@ mod vm;
 
 pub use abi::CallTrailers;
 pub use check::{CheckError, CheckReport, ImportInfo, check_module};
-pub use config::{EngineConfig, FailPolicy, Limits, PluginConfig};
+pub use config::{EngineConfig, FailPolicy, Limits, PluginConfig, ReplicaChoice};
 pub use error::{CallError, PluginError};
 pub use grpc_stream::{GrpcRequestBody, GrpcResponseBody, GrpcStreamCancelled, GrpcStreamFuture};
 pub use host_env::{
@@ -53,7 +53,7 @@ pub use metrics::{
 pub use network::{Direction, NetworkDecision, NetworkEvent, NetworkStream, PeerType};
 pub use plugin::{Engine, Plugin};
 pub use stream::{
-    Decision, HttpStream, LocalReply, RequestHead, ResponseHead, StreamInfo, TlsInfo,
+    Decision, HttpStream, LocalReply, RequestHead, ResponseHead, StreamInfo, TlsInfo, empty_name,
 };
 pub use types::{AbiVersion, LogLevel, Status};
 pub use vm::CPU_SAMPLE_EVERY;

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use wasmtime::{InstancePre, Linker, Module};
 
-use crate::config::{EngineConfig, FailPolicy, PluginConfig};
+use crate::config::{EngineConfig, FailPolicy, PluginConfig, ReplicaChoice};
 use crate::error::{CallError, PluginError};
 use crate::host_env::{CallResponse, HostEnv};
 use crate::metrics::{PluginStats, StatsSnapshot};
@@ -185,6 +185,16 @@ pub(crate) struct Slot {
     failed_at: Option<Instant>,
 }
 
+/// This thread's number among the threads that started streams: 0 for the first, 1 for the
+/// next, and so on.
+fn thread_number() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static NUMBER: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    NUMBER.with(|n| *n)
+}
+
 /// The replicas of one VM (module + vm_id + VM configuration) and the root contexts in it.
 pub(crate) struct VmGroup {
     engine: Arc<EngineInner>,
@@ -218,8 +228,24 @@ impl VmGroup {
         self.next_ctx.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The replica a new stream runs in (see [`ReplicaChoice`]).
     pub(crate) fn pick_replica(&self) -> usize {
-        self.rr.fetch_add(1, Ordering::Relaxed) % self.replicas.len()
+        let n = self.replicas.len();
+        if n == 1 {
+            return 0;
+        }
+        match self.engine.config.replica_choice {
+            ReplicaChoice::PerThread => {
+                // This thread's own replica, unless its VM is gone (failed and waiting for its
+                // restart backoff): then the next replica that has one.
+                let own = thread_number() % n;
+                (0..n)
+                    .map(|k| (own + k) % n)
+                    .find(|&i| self.lock(i).vm.is_some())
+                    .unwrap_or(own)
+            }
+            ReplicaChoice::RoundRobin => self.rr.fetch_add(1, Ordering::Relaxed) % n,
+        }
     }
 
     pub(crate) fn lock(&self, idx: usize) -> MutexGuard<'_, Slot> {
@@ -958,4 +984,27 @@ fn new_group(
         }
     }
     Ok(group)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thread_number;
+
+    #[test]
+    fn each_thread_keeps_its_own_number() {
+        let here = thread_number();
+        assert_eq!(thread_number(), here, "stable within a thread");
+        let others: Vec<usize> = (0..3)
+            .map(|_| std::thread::spawn(thread_number).join().unwrap())
+            .collect();
+        let mut all = others.clone();
+        all.push(here);
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(
+            all.len(),
+            4,
+            "every thread has a number of its own: {others:?} and {here}"
+        );
+    }
 }

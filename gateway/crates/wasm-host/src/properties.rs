@@ -113,13 +113,10 @@ pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
                 }),
                 "referer" => header("referer"),
                 "useragent" => header("user-agent"),
-                "id" => {
-                    if s.info.request_id.is_empty() {
-                        header("x-request-id")
-                    } else {
-                        Some(text(&s.info.request_id))
-                    }
-                }
+                "id" => match &s.info.request_id {
+                    Some(id) => Some(id.as_bytes().to_vec()),
+                    None => header("x-request-id"),
+                },
                 "time" => Some(int(unix_ns(s.info.start_time))),
                 "duration" => Some(int(SystemTime::now()
                     .duration_since(s.info.start_time)

@@ -150,7 +150,7 @@ pub(crate) struct StreamCtx {
     pub body: Option<(BodyKind, BytesMut)>,
     pub request_body_bytes: u64,
     pub response_body_bytes: u64,
-    pub cluster: Option<String>,
+    pub cluster: Option<Arc<str>>,
     pub upstream: Option<std::net::SocketAddr>,
     pub response_code_details: Option<String>,
     pub filter_state: HashMap<Vec<u8>, Bytes>,

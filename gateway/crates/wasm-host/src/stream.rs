@@ -26,8 +26,8 @@ use crate::vm::{Failure, HeadersFn, Vm};
 pub struct RequestHead {
     /// `:method`.
     pub method: Method,
-    /// `:scheme` (`http` or `https`).
-    pub scheme: String,
+    /// `:scheme` (`http` or `https`; borrowed, so making a head does not allocate for it).
+    pub scheme: std::borrow::Cow<'static, str>,
     /// `:authority` (the `Host` header for HTTP/1.1).
     pub authority: String,
     /// `:path`, with the query.
@@ -88,15 +88,16 @@ pub struct StreamInfo {
     /// TLS facts, `None` for plaintext.
     pub tls: Option<TlsInfo>,
     /// `xds.route_name`.
-    pub route_name: String,
+    pub route_name: Arc<str>,
     /// `xds.cluster_name` (may be updated with [`HttpStream::set_upstream`]).
-    pub cluster_name: String,
+    pub cluster_name: Arc<str>,
     /// `xds.listener_name` (Weir-specific: not in Envoy).
-    pub listener_name: String,
+    pub listener_name: Arc<str>,
     /// `xds.virtual_host_name`.
-    pub virtual_host_name: String,
-    /// `request.id` (`x-request-id`).
-    pub request_id: String,
+    pub virtual_host_name: Arc<str>,
+    /// `request.id`: the `x-request-id` the request arrived with (or was given by the gateway)
+    /// before any filter ran. `None`: read the request's `x-request-id` header instead.
+    pub request_id: Option<http::HeaderValue>,
     /// `request.time`.
     pub start_time: SystemTime,
     /// `request.protocol`.
@@ -110,15 +111,21 @@ impl Default for StreamInfo {
             destination: None,
             connection_id: 0,
             tls: None,
-            route_name: String::new(),
-            cluster_name: String::new(),
-            listener_name: String::new(),
-            virtual_host_name: String::new(),
-            request_id: String::new(),
+            route_name: empty_name(),
+            cluster_name: empty_name(),
+            listener_name: empty_name(),
+            virtual_host_name: empty_name(),
+            request_id: None,
             start_time: SystemTime::now(),
             protocol: http::Version::HTTP_11,
         }
     }
+}
+
+/// An empty name, shared (cloning it does not allocate).
+pub fn empty_name() -> Arc<str> {
+    static EMPTY: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+    EMPTY.clone()
 }
 
 /// A response the filter (or the host, on failure) asks the gateway to send instead of
@@ -325,9 +332,9 @@ impl HttpStream {
 
     /// Tell the stream which cluster and upstream address were chosen (`xds.cluster_name`,
     /// `upstream.address`, `upstream.port`).
-    pub fn set_upstream(&mut self, cluster: &str, address: Option<SocketAddr>) {
+    pub fn set_upstream(&mut self, cluster: impl Into<Arc<str>>, address: Option<SocketAddr>) {
         let ctx = self.ctx();
-        ctx.cluster = Some(cluster.to_owned());
+        ctx.cluster = Some(cluster.into());
         ctx.upstream = address;
     }
 

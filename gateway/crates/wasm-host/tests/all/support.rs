@@ -56,11 +56,13 @@ pub fn guest(name: &str) -> Arc<[u8]> {
         .into()
 }
 
-/// An engine with `replicas` VM replicas, compiling through the on-disk cache.
+/// An engine with `replicas` VM replicas taken in turn (so tests on one thread reach them all),
+/// compiling through the on-disk cache.
 pub fn engine(replicas: usize) -> Engine {
     Engine::new(EngineConfig {
         cache_dir: Some(guest_dir().join("compile-cache")),
         replicas,
+        replica_choice: weir_wasm_host::ReplicaChoice::RoundRobin,
         ..EngineConfig::default()
     })
     .expect("engine")
