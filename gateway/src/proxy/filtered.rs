@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use weir_wasm_host::{RequestHead, StreamInfo, TlsInfo, empty_name};
 
 use super::logged_body::Finish;
-use super::service::{ConnInfo, authority, find_route, is_upgrade, run_action};
+use super::service::{ConnInfo, X_REQUEST_ID, authority, find_route, is_upgrade, run_action};
 use crate::body::{BoxError, ProxyBody, incoming};
 use crate::error::ProxyError;
 use crate::filter::Link;
@@ -42,11 +42,16 @@ pub async fn serve(
         cluster_name: empty_name(),
         listener_name: conn.listener.clone(),
         virtual_host_name: empty_name(),
-        request_id: req.headers().get("x-request-id").cloned(),
+        request_id: req.headers().get(&X_REQUEST_ID).cloned(),
         start_time: std::time::SystemTime::now(),
         protocol: req.version(),
     });
-    let host = normalize_host(authority(&req));
+    // The host picks per-host plugin configuration; most chains have none.
+    let host = if links.iter().any(|l| !l.by_host.is_empty()) {
+        normalize_host(authority(&req))
+    } else {
+        std::borrow::Cow::Borrowed("")
+    };
     let streams: Vec<_> = links
         .iter()
         .map(|l| l.resolve(&route.name, &host).new_stream(info.clone()))
