@@ -826,9 +826,20 @@ fn policy_filters() -> Vec<WasmFilter> {
     filters
 }
 
-/// Weir with 0 filters, 1 filter (no-op) and 3 filters (jwt-authn, ratelimit, stats), all
-/// built-in; every request carries [`BENCH_JWT`]. A variant Weir refuses is skipped with
-/// Weir's message.
+/// `n` built-in no-op filters, plugins `noop1`..`noopN` (one VM, as plugins of one module and
+/// vm_id share it).
+fn noops(n: usize) -> Vec<WasmFilter> {
+    (1..=n)
+        .map(|i| WasmFilter {
+            name: format!("noop{i}"),
+            ..builtin("noop")
+        })
+        .collect()
+}
+
+/// Weir with 0 filters, 1 and 3 no-op filters, and 3 policy filters (jwt-authn, ratelimit,
+/// stats), all built-in; every request carries [`BENCH_JWT`]. A variant Weir refuses is
+/// skipped with Weir's message.
 pub async fn wasm(env: &mut Env) -> Result<ScenarioResult, String> {
     let weir = match env.binary(Kind::Weir) {
         Ok(b) => b,
@@ -843,6 +854,7 @@ pub async fn wasm(env: &mut Env) -> Result<ScenarioResult, String> {
     for (label, filters) in [
         ("weir, 0 filters", vec![]),
         ("weir, 1 filter (no-op)", vec![builtin("noop")]),
+        ("weir, 3 filters (no-op)", noops(3)),
         (
             "weir, 3 filters (jwt-authn, ratelimit, stats)",
             policy_filters(),
