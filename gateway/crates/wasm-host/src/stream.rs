@@ -528,10 +528,20 @@ impl HttpStream {
 
     /// Deliver the callouts that already answered and the gRPC stream events already there
     /// (without waiting). Errs when the filter failed.
+    #[inline]
     pub(crate) fn deliver_callouts(&mut self) -> Result<(), ()> {
-        while !self.nothing_pending()
-            && let Some(Some((token, result))) =
-                self.pending.as_mut().and_then(|p| p.next().now_or_never())
+        let grpc = self.ctx.as_ref().is_some_and(|c| c.grpc.is_some());
+        if self.nothing_pending() && !grpc {
+            // The usual case: no callout in flight, no gRPC stream opened.
+            return Ok(());
+        }
+        self.deliver_arrived()
+    }
+
+    /// [`deliver_callouts`](Self::deliver_callouts) when something may have arrived.
+    fn deliver_arrived(&mut self) -> Result<(), ()> {
+        while let Some(Some((token, result))) =
+            self.pending.as_mut().and_then(|p| p.next().now_or_never())
         {
             self.deliver(token, result)?;
         }
