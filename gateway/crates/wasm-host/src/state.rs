@@ -100,7 +100,8 @@ pub(crate) struct NewCallout {
     pub future: BoxFuture<'static, Result<CallResponse, CallError>>,
 }
 
-/// Deferred stream actions requested during a callback (applied when it returns).
+/// Deferred stream actions requested during a callback (applied when it returns). Small (the
+/// reply is boxed): it is taken and checked after every callback.
 #[derive(Debug, Default)]
 pub(crate) struct Actions {
     pub continue_request: bool,
@@ -110,7 +111,7 @@ pub(crate) struct Actions {
     /// `proxy_continue_stream(3)`: a network filter resumes the upstream data.
     pub continue_upstream: bool,
     pub close: bool,
-    pub local_reply: Option<LocalReply>,
+    pub local_reply: Option<Box<LocalReply>>,
 }
 
 /// A live stream context of the VM as other contexts see it: actions requested for it from
@@ -169,10 +170,13 @@ pub(crate) struct CalloutView {
     pub trailers: http::HeaderMap,
 }
 
-/// Memory limiter that remembers whether it refused a growth.
+/// Memory limiter that remembers whether it refused a growth, and whether it allowed one since
+/// the memory size was last published.
 pub(crate) struct Limiter {
     pub max_memory: usize,
     pub hit: bool,
+    /// A growth was allowed: the linear memory size may have changed.
+    pub grew: bool,
 }
 
 impl ResourceLimiter for Limiter {
@@ -186,6 +190,7 @@ impl ResourceLimiter for Limiter {
             self.hit = true;
             return Ok(false);
         }
+        self.grew = true;
         Ok(true)
     }
 
@@ -238,6 +243,7 @@ impl HostState {
             limiter: Limiter {
                 max_memory,
                 hit: false,
+                grew: false,
             },
             phase: Phase::Start,
             effective: 0,

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use http::{HeaderMap, Method, StatusCode};
@@ -16,7 +17,7 @@ use crate::error::CallError;
 use crate::grpc_stream::{Delivery, Inbox};
 use crate::host_env::CallResponse;
 use crate::plugin::{Plugin, deliver_callout};
-use crate::state::{Actions, BodyKind, Parked, Phase, StreamCtx};
+use crate::state::{Actions, BodyKind, Parked, Phase, RootSpec, StreamCtx};
 use crate::vm::{Failure, HeadersFn, Vm};
 
 /// The request line and headers. The guest sees `method`, `scheme`, `authority` and `path` as
@@ -373,11 +374,10 @@ impl HttpStream {
     fn invoke(
         &mut self,
         last: bool,
-        call: impl FnOnce(&mut Vm, u32, u32, bool) -> Result<i32, Failure>,
+        call: impl FnOnce(&mut Vm, &Arc<RootSpec>, u32, bool) -> Result<i32, Failure>,
     ) -> Result<i32, ()> {
-        let plugin = self.plugin.clone();
-        let group = &plugin.group;
-        let spec = &plugin.root;
+        let group = &self.plugin.group;
+        let spec = &self.plugin.root;
         let mut slot = group.lock(self.replica);
         if self.lifecycle == Lifecycle::New {
             if let Err(why) = group.ensure_vm(self.replica, &mut slot, false) {
@@ -413,7 +413,7 @@ impl HttpStream {
         state.stream = Some(ctx);
         state.effective = id;
         state.phase = Phase::Running;
-        let r = call(vm, id, spec.context_id, create);
+        let r = call(vm, spec, id, create);
         let state = vm.store.data_mut();
         self.ctx = state.stream.take();
         if state.parked_used
@@ -422,21 +422,23 @@ impl HttpStream {
             merge(ctx, std::mem::take(&mut parked.actions));
         }
         state.effective = 0;
-        let callouts = std::mem::take(&mut state.new_callouts);
-        for c in callouts {
-            if c.owner == id {
-                match tokio::runtime::Handle::try_current() {
-                    Ok(rt) => self.pending.get_or_insert_with(Pending::new).push(Callout {
-                        token: c.token,
-                        task: rt.spawn(c.future),
-                    }),
-                    Err(_) => tracing::warn!(
-                        plugin = %spec.plugin_name,
-                        "wasm callout dropped: no tokio runtime"
-                    ),
+        // Most callbacks issue no callout: leave the (empty) vector alone.
+        if !state.new_callouts.is_empty() {
+            for c in std::mem::take(&mut state.new_callouts) {
+                if c.owner == id {
+                    match tokio::runtime::Handle::try_current() {
+                        Ok(rt) => self.pending.get_or_insert_with(Pending::new).push(Callout {
+                            token: c.token,
+                            task: rt.spawn(c.future),
+                        }),
+                        Err(_) => tracing::warn!(
+                            plugin = %spec.plugin_name,
+                            "wasm callout dropped: no tokio runtime"
+                        ),
+                    }
+                } else {
+                    group.spawn_root_callout(self.replica, generation, c);
                 }
-            } else {
-                group.spawn_root_callout(self.replica, generation, c);
             }
         }
         if create {
@@ -479,12 +481,10 @@ impl HttpStream {
             i32,
         ) -> wasmtime::Result<i32>,
     ) -> Result<i32, ()> {
-        let deadline = self.plugin.root.limits.callback_deadline;
-        let stats = self.plugin.root.stats.clone();
-        self.invoke(last, |vm, id, root, create| {
-            vm.guarded(deadline, &stats, |ex, store| {
+        self.invoke(last, |vm, spec, id, create| {
+            vm.guarded(spec.limits.callback_deadline, &spec.stats, |ex, store| {
                 if create && let Some(cc) = &ex.context_create {
-                    cc.call(&mut *store, (id as i32, root as i32))?;
+                    cc.call(&mut *store, (id as i32, spec.context_id as i32))?;
                 }
                 f(ex, store, id as i32)
             })
@@ -524,7 +524,7 @@ impl HttpStream {
             ctx.local_reply_sent = true;
             ctx.response_code_details = Some(reply.details.clone());
             self.pending = None;
-            return Some(Decision::LocalReply(Box::new(reply)));
+            return Some(Decision::LocalReply(reply));
         }
         if actions.close {
             self.pending = None;
@@ -535,7 +535,18 @@ impl HttpStream {
 
     /// Deliver the callouts that already answered and the gRPC stream events already there
     /// (without waiting). Errs when the filter failed.
+    #[inline]
     pub(crate) fn deliver_callouts(&mut self) -> Result<(), ()> {
+        let grpc = self.ctx.as_ref().is_some_and(|c| c.grpc.is_some());
+        if self.nothing_pending() && !grpc {
+            // The usual case: no callout in flight, no gRPC stream opened.
+            return Ok(());
+        }
+        self.deliver_arrived()
+    }
+
+    /// [`deliver_callouts`](Self::deliver_callouts) when something may have arrived.
+    fn deliver_arrived(&mut self) -> Result<(), ()> {
         while let Some(Some((token, result))) =
             self.pending.as_mut().and_then(|p| p.next().now_or_never())
         {
@@ -549,9 +560,8 @@ impl HttpStream {
 
     /// Deliver one event of a gRPC stream this context opened. Errs when the filter failed.
     fn deliver_grpc(&mut self, d: Delivery) -> Result<(), ()> {
-        let spec = self.plugin.root.clone();
-        self.invoke(false, |vm, id, root, _create| {
-            crate::grpc_stream::deliver(vm, &spec, root, id, d).map(|()| 1)
+        self.invoke(false, |vm, spec, id, _create| {
+            crate::grpc_stream::deliver(vm, spec, spec.context_id, id, d).map(|()| 1)
         })
         .map(|_| ())
     }
@@ -562,9 +572,8 @@ impl HttpStream {
         token: u32,
         result: Result<CallResponse, CallError>,
     ) -> Result<(), ()> {
-        let spec = self.plugin.root.clone();
-        self.invoke(false, |vm, _id, root, _create| {
-            deliver_callout(vm, &spec, root, token, result).map(|()| 1)
+        self.invoke(false, |vm, spec, _id, _create| {
+            deliver_callout(vm, spec, spec.context_id, token, result).map(|()| 1)
         })
         .map(|_| ())
     }
@@ -609,49 +618,62 @@ impl HttpStream {
         Ok(waker)
     }
 
-    /// Apply deferred actions and wait for callouts while the filter is paused.
-    async fn resolve(&mut self, dir: Dir, mut action: i32, part: Part) -> Decision {
-        loop {
-            let ctx = self.ctx();
-            let actions = std::mem::take(&mut ctx.actions);
-            if let Some(reply) = actions.local_reply {
-                ctx.local_reply_sent = true;
-                ctx.response_code_details = Some(reply.details.clone());
-                self.pending = None;
-                return Decision::LocalReply(Box::new(reply));
-            }
-            if actions.close {
-                self.pending = None;
-                return Decision::Reset;
-            }
-            let resumed = match dir {
-                Dir::Request => actions.continue_request,
-                Dir::Response => actions.continue_response,
-            };
-            if action == 0 || resumed {
-                return Decision::Continue;
-            }
-            if self.nothing_pending()
-                && let Part::Headers { eos: false } | Part::Body { eos: false } = part
-            {
-                return Decision::StopIteration;
-            }
-            // About to wait: take what other contexts asked meanwhile, and be wakeable.
-            let Ok(waker) = self.sync_parked() else {
-                return self.failure_decision();
-            };
-            let a = &self.ctx().actions;
-            if a.local_reply.is_some() || a.close || a.continue_request || a.continue_response {
-                continue;
-            }
-            // Wait for a callout, an event of a gRPC stream the filter opened, or (nothing
-            // more coming from the client) like Envoy for a resume from another context (a
-            // timer, a queue, another stream). The gateway's request timeout bounds the wait.
-            if self.wait_event(&waker).await.is_err() {
-                return self.failure_decision();
-            }
-            action = 1;
+    /// The decision after a callback that returned `action`, if it needs no wait: apply the
+    /// deferred actions. `None`: the filter is paused and must be waited for with
+    /// [`resolve_waiting`](Self::resolve_waiting).
+    fn resolve_now(&mut self, dir: Dir, action: i32, part: Part) -> Option<Decision> {
+        let ctx = self.ctx();
+        let actions = std::mem::take(&mut ctx.actions);
+        if let Some(reply) = actions.local_reply {
+            ctx.local_reply_sent = true;
+            ctx.response_code_details = Some(reply.details.clone());
+            self.pending = None;
+            return Some(Decision::LocalReply(reply));
         }
+        if actions.close {
+            self.pending = None;
+            return Some(Decision::Reset);
+        }
+        let resumed = match dir {
+            Dir::Request => actions.continue_request,
+            Dir::Response => actions.continue_response,
+        };
+        if action == 0 || resumed {
+            return Some(Decision::Continue);
+        }
+        if self.nothing_pending()
+            && let Part::Headers { eos: false } | Part::Body { eos: false } = part
+        {
+            return Some(Decision::StopIteration);
+        }
+        None
+    }
+
+    /// After [`resolve_now`](Self::resolve_now) found the filter paused: apply deferred
+    /// actions and wait for callouts until something resumes it. Waiting is rare: its (large)
+    /// future is boxed so that the callbacks' futures, moved on every call, stay small.
+    fn resolve_waiting(&mut self, dir: Dir, part: Part) -> BoxFuture<'_, Decision> {
+        Box::pin(async move {
+            loop {
+                // About to wait: take what other contexts asked meanwhile, and be wakeable.
+                let Ok(waker) = self.sync_parked() else {
+                    return self.failure_decision();
+                };
+                let a = &self.ctx().actions;
+                let acted =
+                    a.local_reply.is_some() || a.close || a.continue_request || a.continue_response;
+                // Wait for a callout, an event of a gRPC stream the filter opened, or (nothing
+                // more coming from the client) like Envoy for a resume from another context (a
+                // timer, a queue, another stream). The gateway's request timeout bounds the wait.
+                if !acted && self.wait_event(&waker).await.is_err() {
+                    return self.failure_decision();
+                }
+                // The filter's own action was a pause: only what happened since can resume it.
+                if let Some(d) = self.resolve_now(dir, 1, part) {
+                    return d;
+                }
+            }
+        })
     }
 
     /// Request headers (and pseudo-headers). Edits to `head` are made in place (copied first
@@ -677,8 +699,11 @@ impl HttpStream {
         });
         let d = match r {
             Ok(a) => {
-                self.resolve(Dir::Request, a, Part::Headers { eos: end_of_stream })
-                    .await
+                let part = Part::Headers { eos: end_of_stream };
+                match self.resolve_now(Dir::Request, a, part) {
+                    Some(d) => d,
+                    None => self.resolve_waiting(Dir::Request, part).await,
+                }
             }
             Err(()) => self.failure_decision(),
         };
@@ -737,8 +762,11 @@ impl HttpStream {
         });
         let d = match r {
             Ok(a) => {
-                self.resolve(dir, a, Part::Body { eos: end_of_stream })
-                    .await
+                let part = Part::Body { eos: end_of_stream };
+                match self.resolve_now(dir, a, part) {
+                    Some(d) => d,
+                    None => self.resolve_waiting(dir, part).await,
+                }
             }
             Err(()) => self.failure_decision(),
         };
@@ -805,7 +833,10 @@ impl HttpStream {
             }
         });
         let d = match r {
-            Ok(a) => self.resolve(dir, a, Part::Trailers).await,
+            Ok(a) => match self.resolve_now(dir, a, Part::Trailers) {
+                Some(d) => d,
+                None => self.resolve_waiting(dir, Part::Trailers).await,
+            },
             Err(()) => self.failure_decision(),
         };
         let held = self.ctx().body.take().map(|(_, b)| b).unwrap_or_default();
@@ -854,8 +885,11 @@ impl HttpStream {
         });
         let d = match r {
             Ok(a) => {
-                self.resolve(Dir::Response, a, Part::Headers { eos: end_of_stream })
-                    .await
+                let part = Part::Headers { eos: end_of_stream };
+                match self.resolve_now(Dir::Response, a, part) {
+                    Some(d) => d,
+                    None => self.resolve_waiting(Dir::Response, part).await,
+                }
             }
             Err(()) => self.failure_decision(),
         };

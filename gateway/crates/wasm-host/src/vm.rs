@@ -124,6 +124,9 @@ pub(crate) struct Vm {
     pub tick: Duration,
     /// Guest calls made, for sampling their CPU time.
     calls: u32,
+    /// The last callback deadline and its length in epoch ticks (the division is not free, and
+    /// a VM's callbacks nearly always have the same deadline).
+    deadline_ticks: (Duration, u64),
     /// Linear memory size last added to the engine's [`LiveVms`](crate::metrics::LiveVms).
     reported_memory: u64,
 }
@@ -244,15 +247,22 @@ impl Vm {
             exports,
             tick,
             calls: 0,
+            deadline_ticks: (Duration::ZERO, ticks(Duration::ZERO, tick)),
             reported_memory: 0,
         };
+        vm.store.data_mut().limiter.grew = true;
         vm.report_memory();
         Ok(vm)
     }
 
-    /// Publish the linear memory size (it only changes when the guest grows it).
+    /// Publish the linear memory size. It only changes when the guest grows it, which the
+    /// limiter notes: without a growth since the last report there is nothing to do.
     fn report_memory(&mut self) {
-        let Some(mem) = self.store.data().memory else {
+        let state = self.store.data_mut();
+        if !std::mem::take(&mut state.limiter.grew) {
+            return;
+        }
+        let Some(mem) = state.memory else {
             return;
         };
         let size = mem.data_size(&self.store) as u64;
@@ -273,7 +283,10 @@ impl Vm {
         stats: &PluginStats,
         f: impl FnOnce(&Exports, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, Failure> {
-        self.store.set_epoch_deadline(ticks(deadline, self.tick));
+        if self.deadline_ticks.0 != deadline {
+            self.deadline_ticks = (deadline, ticks(deadline, self.tick));
+        }
+        self.store.set_epoch_deadline(self.deadline_ticks.1);
         self.store.data_mut().limiter.hit = false;
         self.calls = self.calls.wrapping_add(1);
         let sampled = self.calls.is_multiple_of(CPU_SAMPLE_EVERY);

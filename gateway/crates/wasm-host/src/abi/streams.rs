@@ -114,7 +114,7 @@ fn send_local_response(
             tracing::debug!("wasm filter sent a second local reply; ignored");
             return Ok(());
         }
-        a.local_reply = Some(reply);
+        a.local_reply = Some(Box::new(reply));
         Ok(())
     })
 }

@@ -198,6 +198,41 @@ async fn body_pause_buffers_then_replaces() {
     stream.finish();
 }
 
+/// Memory the guest grows during a callback is published (plugin stats, the engine's live
+/// total) when the callback returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_grown_in_a_callback_is_reported() {
+    let env = TestEnv::new();
+    let engine = engine(1);
+    let p = plugin(
+        &engine,
+        &env,
+        "http",
+        "http-grow",
+        "buffer",
+        FailPolicy::Closed,
+    );
+    let mut stream = p.new_stream(info());
+    let mut head = request("/upload", &[]);
+    assert_eq!(
+        stream.on_request_headers(&mut head, false).await,
+        Decision::Continue
+    );
+    let before = p.stats().memory_bytes;
+    let (_, live_before) = engine.live_vms();
+    assert!(before > 0 && live_before >= before);
+    // The guest copies the 4 MiB body twice: its memory must grow.
+    let mut body = BytesMut::from(&vec![b'a'; 4 << 20][..]);
+    assert_eq!(
+        stream.on_request_body(&mut body, true).await,
+        Decision::Continue
+    );
+    let after = p.stats().memory_bytes;
+    assert!(after >= before + (4 << 20), "{before} -> {after}");
+    assert_eq!(engine.live_vms().1, live_before + (after - before));
+    stream.finish();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_body_is_visible_to_trailers() {
     let env = TestEnv::new();
