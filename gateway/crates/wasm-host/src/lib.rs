@@ -31,6 +31,7 @@ mod properties;
 mod shared;
 mod state;
 mod stream;
+mod threads;
 mod types;
 mod vm;
 
@@ -55,6 +56,7 @@ pub use plugin::{Engine, Plugin};
 pub use stream::{
     Decision, HttpStream, LocalReply, RequestHead, ResponseHead, StreamInfo, TlsInfo, empty_name,
 };
+pub use threads::ShardedCounter;
 pub use types::{AbiVersion, LogLevel, Status};
 pub use vm::CPU_SAMPLE_EVERY;
 

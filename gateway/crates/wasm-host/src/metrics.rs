@@ -448,7 +448,7 @@ pub struct LiveVms {
 pub struct PluginStats {
     /// Guarded calls into the guest: one per callback, except that a stream's context creation
     /// rides with its first callback and its `on_log`, `on_done` and `on_delete` are one call.
-    pub callbacks: AtomicU64,
+    pub callbacks: crate::threads::ShardedCounter,
     /// Callbacks that trapped (other than interruptions and memory-cap hits).
     pub traps: AtomicU64,
     /// Callbacks interrupted at their deadline.
@@ -493,7 +493,7 @@ impl PluginStats {
     pub fn snapshot(&self) -> StatsSnapshot {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StatsSnapshot {
-            callbacks: l(&self.callbacks),
+            callbacks: self.callbacks.get(),
             traps: l(&self.traps),
             interruptions: l(&self.interruptions),
             memory_cap_hits: l(&self.memory_cap_hits),
@@ -626,7 +626,7 @@ mod tests {
     #[test]
     fn plugin_stats_families_stay_together() {
         let a = PluginStats::default();
-        a.callbacks.fetch_add(2, Ordering::Relaxed);
+        a.callbacks.add(2);
         a.callback_cpu_nanos.record(7);
         let b = PluginStats::default();
         let mut out = String::new();

@@ -18,6 +18,7 @@ use crate::host_env::{CallResponse, HostEnv};
 use crate::metrics::{PluginStats, StatsSnapshot};
 use crate::state::{CalloutKind, CalloutView, HostState, NewCallout, Phase, RootSpec, VmShared};
 use crate::stream::{HttpStream, StreamInfo};
+use crate::threads::stream_thread_number;
 use crate::types::AbiVersion;
 use crate::vm::{Failure, RootFailure, Vm};
 
@@ -185,16 +186,6 @@ pub(crate) struct Slot {
     failed_at: Option<Instant>,
 }
 
-/// This thread's number among the threads that started streams: 0 for the first, 1 for the
-/// next, and so on.
-fn thread_number() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static NUMBER: usize = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    NUMBER.with(|n| *n)
-}
-
 /// The replicas of one VM (module + vm_id + VM configuration) and the root contexts in it.
 pub(crate) struct VmGroup {
     engine: Arc<EngineInner>,
@@ -238,7 +229,7 @@ impl VmGroup {
             ReplicaChoice::PerThread => {
                 // This thread's own replica, unless its VM is gone (failed and waiting for its
                 // restart backoff): then the next replica that has one.
-                let own = thread_number() % n;
+                let own = stream_thread_number() % n;
                 (0..n)
                     .map(|k| (own + k) % n)
                     .find(|&i| self.lock(i).vm.is_some())
@@ -984,27 +975,4 @@ fn new_group(
         }
     }
     Ok(group)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::thread_number;
-
-    #[test]
-    fn each_thread_keeps_its_own_number() {
-        let here = thread_number();
-        assert_eq!(thread_number(), here, "stable within a thread");
-        let others: Vec<usize> = (0..3)
-            .map(|_| std::thread::spawn(thread_number).join().unwrap())
-            .collect();
-        let mut all = others.clone();
-        all.push(here);
-        all.sort_unstable();
-        all.dedup();
-        assert_eq!(
-            all.len(),
-            4,
-            "every thread has a number of its own: {others:?} and {here}"
-        );
-    }
 }
