@@ -232,7 +232,8 @@ pub enum ResponseVerdict {
 pub type Upstream = (Arc<str>, Option<std::net::SocketAddr>);
 
 /// Run the response headers (and, if a filter pauses, the buffered body) through the chain in
-/// reverse order. `upstream` (if the request went upstream) is told to every stream first.
+/// reverse order. `upstream` (if the request went upstream) and the response flags so far
+/// (`response.flags`, Envoy's bits) are told to every stream first.
 ///
 /// When no filter pauses and the body's first chunk has already arrived, that chunk runs through
 /// the body callbacks here; if it is the whole body, the response goes out with a
@@ -241,12 +242,14 @@ pub async fn on_response(
     streams: &Streams,
     resp: Response<ProxyBody>,
     upstream: Option<Upstream>,
+    flags: u64,
 ) -> ResponseVerdict {
     let mut guard = streams.lock().await;
-    if let Some((cluster, addr)) = upstream {
-        for s in guard.iter_mut() {
-            s.set_upstream(cluster.clone(), addr);
+    for s in guard.iter_mut() {
+        if let Some((cluster, addr)) = &upstream {
+            s.set_upstream(cluster.clone(), *addr);
         }
+        s.set_response_flags(flags);
     }
     let (parts, mut body) = resp.into_parts();
     let mut head = Arc::new(ResponseHead {
@@ -438,15 +441,18 @@ async fn run_data(
     Ok(())
 }
 
-/// Run `on_log`, `on_done`, `on_delete` on every stream (at the end of the response).
-pub fn finish(streams: &Streams) {
+/// Run `on_log`, `on_done`, `on_delete` on every stream (at the end of the response), with
+/// the final response flags (Envoy's bits).
+pub fn finish(streams: &Streams, flags: u64) {
+    let finish = move |s: &mut HttpStream| {
+        s.set_response_flags(flags);
+        s.finish();
+    };
     match streams.try_lock() {
-        Some(mut guard) => guard.iter_mut().for_each(HttpStream::finish),
+        Some(mut guard) => guard.iter_mut().for_each(finish),
         None => {
             let streams = streams.clone();
-            tokio::spawn(
-                async move { streams.lock().await.iter_mut().for_each(HttpStream::finish) },
-            );
+            tokio::spawn(async move { streams.lock().await.iter_mut().for_each(finish) });
         }
     }
 }

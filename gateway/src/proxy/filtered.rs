@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use weir_wasm_host::{RequestHead, StreamInfo, TlsInfo, empty_name};
 
 use super::logged_body::Finish;
+use super::response_flags;
 use super::service::{ConnInfo, X_REQUEST_ID, authority, find_route, is_upgrade, run_action};
 use crate::body::{BoxError, ProxyBody, incoming};
 use crate::error::ProxyError;
@@ -157,7 +158,11 @@ pub async fn serve(
 
     let answer = run_action(&route, conn, req, upgrade, &mut finish).await;
     let upstream = finish.cluster.clone().map(|c| (c, finish.upstream));
-    match chain::on_response(&streams, answer.response, upstream).await {
+    let mut flags = response_flags::bits(&finish.flags);
+    if let Some((flag, _)) = answer.local {
+        flags |= response_flags::bits(flag);
+    }
+    match chain::on_response(&streams, answer.response, upstream, flags).await {
         ResponseVerdict::Send(resp) => Ok(match answer.local {
             Some((flag, details)) => finish.local(resp, flag, details),
             None => finish.upstream_response(resp),

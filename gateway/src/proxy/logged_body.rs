@@ -162,21 +162,22 @@ impl Finish {
 
     fn complete(self, bytes_sent: u64, downstream_gone: bool) {
         let duration = self.started.elapsed();
+        let mut flags = std::borrow::Cow::Borrowed(self.flags.as_str());
+        if downstream_gone {
+            let flags = flags.to_mut();
+            if !flags.is_empty() {
+                flags.push(',');
+            }
+            flags.push_str("DC");
+        }
         if let Some(streams) = &self.filters {
-            crate::filter::chain::finish(streams);
+            crate::filter::chain::finish(streams, super::response_flags::bits(&flags));
         }
         if let Some(route) = &self.route {
             route.stats.codes.inc(self.code);
             route.stats.duration.observe(duration);
         }
         let Some(log) = &self.access_log else { return };
-        let mut flags = self.flags.clone();
-        if downstream_gone {
-            if !flags.is_empty() {
-                flags.push(',');
-            }
-            flags.push_str("DC");
-        }
         let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
         let entry = Entry {
             start: self.start_time,

@@ -4,5 +4,6 @@
 pub mod filtered;
 pub mod forward;
 pub mod logged_body;
+pub mod response_flags;
 pub mod service;
 pub mod tcp;

@@ -184,11 +184,16 @@ async fn stats_count_requests_by_code_with_istio_labels() {
     .await;
     // stats before ratelimit: it also sees the ratelimit's local replies.
     let plugins = "  - name: st\n    module: builtin:stats\n    config: { source: { workload: gw-stats-test, namespace: edge } }\n  - { name: rl, module: builtin:ratelimit, config: { requests: 1, per: 1m } }\n";
-    let routes = "  - { name: gone, match: { path: { prefix: /gone } }, filters: [st], backends: [ { cluster: gone } ] }\n  - { name: limited, match: { path: { prefix: /limited } }, filters: [st, rl], backends: [ { cluster: shop } ] }\n  - { name: shop, filters: [st], backends: [ { cluster: shop } ] }\n";
+    // An endpoint nobody listens on: the connection fails (Envoy's UF flag).
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let routes = "  - { name: gone, match: { path: { prefix: /gone } }, filters: [st], backends: [ { cluster: gone } ] }\n  - { name: down, match: { path: { prefix: /down } }, filters: [st], backends: [ { cluster: down } ] }\n  - { name: limited, match: { path: { prefix: /limited } }, filters: [st, rl], backends: [ { cluster: shop } ] }\n  - { name: shop, filters: [st], backends: [ { cluster: shop } ] }\n";
     let gw = gateway(&cfg(
         plugins,
         routes,
-        &[("shop", ok.addr), ("gone", missing.addr)],
+        &[("shop", ok.addr), ("gone", missing.addr), ("down", down)],
     ))
     .await;
     let addr = gw.addr("main").await;
@@ -203,6 +208,7 @@ async fn stats_count_requests_by_code_with_istio_labels() {
     }
     assert_eq!(get(addr, "shop.example", "/limited", &[]).await.status, 200);
     assert_eq!(get(addr, "shop.example", "/limited", &[]).await.status, 429);
+    assert_eq!(get(addr, "shop.example", "/down", &[]).await.status, 503);
 
     let admin = gw.admin();
     let me = "source_workload=\"gw-stats-test\"";
@@ -234,6 +240,12 @@ async fn stats_count_requests_by_code_with_istio_labels() {
             "2",
         ),
         ("istio_requests_total{", vec!["response_code=\"429\""], "1"),
+        // The filter reads the gateway's response flags (`response.flags`).
+        (
+            "istio_requests_total{",
+            vec!["response_code=\"503\"", "response_flags=\"UF"],
+            "1",
+        ),
         // Histograms: every request in +Inf, the count, and sizes that are never tiny.
         (
             "istio_request_duration_milliseconds_bucket{",

@@ -145,7 +145,7 @@ pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
             match seg(1) {
                 "code" => head.map(|h| int(u64::from(h.status.as_u16()))),
                 "code_details" => s.response_code_details.as_deref().map(text),
-                "flags" => Some(int(0)),
+                "flags" => Some(int(s.response_flags)),
                 "grpc_status" => head
                     .and_then(|h| h.headers.get("grpc-status"))
                     .or_else(|| {

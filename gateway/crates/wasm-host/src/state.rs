@@ -154,6 +154,8 @@ pub(crate) struct StreamCtx {
     pub cluster: Option<Arc<str>>,
     pub upstream: Option<std::net::SocketAddr>,
     pub response_code_details: Option<String>,
+    /// `response.flags`: Envoy's response flag bits.
+    pub response_flags: u64,
     pub filter_state: HashMap<Vec<u8>, Bytes>,
     pub actions: Actions,
     pub request_headers_changed: bool,

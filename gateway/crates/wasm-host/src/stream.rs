@@ -294,6 +294,7 @@ impl HttpStream {
             cluster: None,
             upstream: None,
             response_code_details: None,
+            response_flags: 0,
             filter_state: HashMap::new(),
             actions: Actions::default(),
             request_headers_changed: false,
@@ -342,6 +343,11 @@ impl HttpStream {
     /// Set `response.code_details` (e.g. `via_upstream`).
     pub fn set_response_code_details(&mut self, details: &str) {
         self.ctx().response_code_details = Some(details.to_owned());
+    }
+
+    /// Set `response.flags`: Envoy's response flag bits (`UH` is `0x2`, `UF` `0x20`, ...).
+    pub fn set_response_flags(&mut self, bits: u64) {
+        self.ctx().response_flags = bits;
     }
 
     /// Take the body bytes the filter still holds for `request` (true) or response (false): after
@@ -1003,6 +1009,7 @@ fn unreachable_ctx() -> Box<StreamCtx> {
         cluster: None,
         upstream: None,
         response_code_details: None,
+        response_flags: 0,
         filter_state: HashMap::new(),
         actions: Actions::default(),
         request_headers_changed: false,

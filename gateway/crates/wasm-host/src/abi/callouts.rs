@@ -181,8 +181,9 @@ fn grpc_call(
     let raw_metadata = memory::read(c, metadata.0, metadata.1)?;
     let message = memory::read(c, message.0, message.1)?;
     if !c.data().shared.env.has_cluster(&cluster) {
-        // The SDKs accept INTERNAL_FAILURE and PARSE_FAILURE here, not BAD_ARGUMENT.
-        return Err(Status::InternalFailure.into());
+        // Envoy's answer, as for gRPC streams (the SDKs accept INTERNAL_FAILURE and
+        // PARSE_FAILURE here, not BAD_ARGUMENT).
+        return Err(Status::ParseFailure.into());
     }
     let head = grpc_request(&cluster, &service, &method, &raw_metadata)?;
     let mut body = Vec::with_capacity(5 + message.len());

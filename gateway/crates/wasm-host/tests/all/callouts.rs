@@ -65,6 +65,10 @@ async fn http_call_denied_and_failed() {
         hv(&x.request.headers, "x-bad-cluster"),
         Some("bad-argument")
     );
+    assert_eq!(
+        hv(&x.request.headers, "x-bad-grpc-cluster"),
+        Some("parse-failure")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

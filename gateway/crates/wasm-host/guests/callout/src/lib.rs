@@ -7,7 +7,7 @@
 //!
 //! Requests: `/enqueue` enqueues the `x-item` header to `q1`; `/ticks` and `/queue-last` and
 //! `/root-call` copy the shared values to response-visible request headers; `/bad-cluster`
-//! calls an unknown cluster; anything else calls cluster `auth` (`GET /check`) and pauses: a
+//! calls an unknown cluster (HTTP and unary gRPC); anything else calls cluster `auth` (`GET /check`) and pauses: a
 //! 200 answer resumes with `x-auth` set to its body, another status gets a 403 local reply, a
 //! failed call a 502 with `x-status` = `proxy_get_status`'s code. `/grpc` makes a unary gRPC
 //! call `weir.Auth/Check` to `auth`: OK resumes with `x-grpc` set to the reply, an error
@@ -218,10 +218,24 @@ impl HttpContext for Http {
                 ) {
                     Err(Status::BadArgument) => {
                         self.set_http_request_header("x-bad-cluster", Some("bad-argument"));
-                        Action::Continue
                     }
                     other => panic!("unexpected {other:?}"),
                 }
+                // A unary gRPC call to an unknown cluster: PARSE_FAILURE, as Envoy answers.
+                match self.dispatch_grpc_call(
+                    "nope",
+                    "weir.Auth",
+                    "Check",
+                    vec![],
+                    None,
+                    Duration::from_secs(1),
+                ) {
+                    Err(Status::ParseFailure) => {
+                        self.set_http_request_header("x-bad-grpc-cluster", Some("parse-failure"));
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+                Action::Continue
             }
             _ => {
                 let who = self.get_http_request_header("x-user").unwrap_or_default();
