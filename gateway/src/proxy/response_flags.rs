@@ -9,9 +9,13 @@ const NAMES: [&str; 29] = [
 
 /// The bits of comma-separated short names (`"UF,URX"` is `0x8020`); unknown names add none.
 pub fn bits(flags: &str) -> u64 {
+    if flags.is_empty() {
+        return 0;
+    }
     flags
         .split(',')
-        .filter_map(|f| NAMES.iter().position(|n| *n == f.trim()))
+        .map(str::trim)
+        .filter_map(|f| NAMES.iter().position(|n| *n == f))
         .fold(0, |acc, i| acc | 1 << i)
 }
 
