@@ -99,11 +99,10 @@ pub async fn serve(
         RequestVerdict::Reset => return Err(Box::new(FilterReset)),
     };
 
-    // The filters may have changed the request: rebuild it from their view (the streams keep
-    // theirs, so this copies the head when there are filters).
-    let head = Arc::unwrap_or_clone(head);
-    parts.method = head.method;
-    parts.headers = head.headers;
+    // The filters may have changed the request: rebuild it from their view. The streams keep
+    // theirs, so this copies the method and headers (the rest is only compared).
+    parts.method = head.method.clone();
+    parts.headers = head.headers.clone();
     if !body.is_end_stream() {
         // The filters may change the body's length.
         parts.headers.remove(header::CONTENT_LENGTH);
