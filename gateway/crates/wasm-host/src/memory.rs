@@ -110,14 +110,36 @@ pub(crate) fn return_bytes(
 ) -> HostResult {
     check(caller, ret_ptr, 4)?;
     check(caller, ret_len, 4)?;
-    if data.is_empty() {
-        write_u32(caller, ret_ptr, 0)?;
-        return write_u32(caller, ret_len, 0);
-    }
-    let ptr = allocate(caller, data.len())?;
-    write(caller, ptr, data)?;
-    write_u32(caller, ret_ptr, ptr as u32)?;
-    write_u32(caller, ret_len, data.len() as u32)
+    let ptr = if data.is_empty() {
+        0
+    } else {
+        allocate(caller, data.len())?
+    };
+    // One look at the memory for the three writes (the allocator may have grown it).
+    let mem = memory(caller)?;
+    let memory = mem.data_mut(caller.as_context_mut());
+    let len = data.len() as i32;
+    let block = range(ptr, len, memory.len())?;
+    let at_ptr = range(ret_ptr, 4, memory.len())?;
+    let at_len = range(ret_len, 4, memory.len())?;
+    memory[block].copy_from_slice(data);
+    memory[at_ptr].copy_from_slice(&(ptr as u32).to_le_bytes());
+    memory[at_len].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
+}
+
+/// Run `f` on `len` bytes at `ptr` of the guest's memory and the host state, without copying
+/// the bytes out.
+pub(crate) fn with_slice<R>(
+    caller: &mut Caller<'_, HostState>,
+    ptr: i32,
+    len: i32,
+    f: impl FnOnce(&[u8], &HostState) -> R,
+) -> Result<R, Status> {
+    let mem = memory(caller)?;
+    let (data, state) = mem.data_and_store_mut(caller.as_context_mut());
+    let r = range(ptr, len, data.len())?;
+    Ok(f(&data[r], state))
 }
 
 /// Call the guest allocator (`proxy_on_memory_allocate`, else `malloc`) for `len` bytes and check

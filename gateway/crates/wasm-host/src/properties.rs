@@ -49,10 +49,11 @@ pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
     if let Some(v) = state.root_properties.get(path) {
         return Ok(v.to_vec());
     }
-    let segs: Vec<&str> = path
-        .split(|b| *b == 0)
-        .map(|s| std::str::from_utf8(s).unwrap_or("\u{fffd}"))
-        .collect();
+    // The first segments, as text (no property of Envoy's has more than four).
+    let mut segs = [""; 4];
+    for (slot, s) in segs.iter_mut().zip(path.split(|b| *b == 0)) {
+        *slot = std::str::from_utf8(s).unwrap_or("\u{fffd}");
+    }
     let root = state.root();
     let seg = |i: usize| segs.get(i).copied().unwrap_or("");
     let found = match seg(0) {

@@ -10,10 +10,9 @@ use crate::state::HostState;
 
 fn get(c: &mut Caller<'_, HostState>, pp: i32, pl: i32, rp: i32, rl: i32) -> HostResult {
     started(c)?;
-    let path = memory::read(c, pp, pl)?;
     memory::check(c, rp, 4)?;
     memory::check(c, rl, 4)?;
-    let value = properties::get(c.data(), &path)?;
+    let value = memory::with_slice(c, pp, pl, |path, state| properties::get(state, path))??;
     memory::return_bytes(c, &value, rp, rl)
 }
 
