@@ -5,7 +5,8 @@
 //!   bumps the epoch that enforces callback deadlines.
 //! - [`Plugin`]: a module with its root context and configuration; VMs are shared by plugins
 //!   with the same module, vm_id and VM configuration, kept as a few replicas (one per worker
-//!   thread by default), each behind a mutex held only during a synchronous guest call.
+//!   thread by default, a stream running in its thread's), each behind a mutex held only during
+//!   a synchronous guest call.
 //! - [`HttpStream`]: one request through one plugin; the gateway drives its async callbacks in
 //!   order and acts on each [`Decision`].
 //! - [`NetworkStream`]: one TCP connection through one plugin (a network filter); data
