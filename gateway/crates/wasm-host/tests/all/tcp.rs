@@ -68,7 +68,8 @@ async fn tcp_every_callback_in_envoy_order_with_buffers() {
         "{:?}",
         logs(&env)
     );
-    assert_eq!(connections_metric(), before + 1);
+    // The counter is the guest's, shared with the other tests' connections running alongside.
+    assert!(connections_metric() > before, "the connection was counted");
     // Buffer 2 replaced: upper-cased.
     assert_eq!(
         data(&mut s, Direction::Downstream, "hello", false),
