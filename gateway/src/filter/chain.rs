@@ -358,7 +358,12 @@ pub async fn on_response(
             data = held;
         }
     }
-    let length = Length::Exactly(data.len());
+    // No body at all (a HEAD, a 204/304) keeps the upstream's content-length.
+    let length = if eos && data.is_empty() {
+        Length::Unchanged
+    } else {
+        Length::Exactly(data.len())
+    };
     ResponseVerdict::Send(respond(head, version, full(data.freeze()), length))
 }
 

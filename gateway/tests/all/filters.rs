@@ -108,6 +108,25 @@ async fn request_and_response_bodies_are_buffered_and_replaced() {
     assert_length_announced(&r);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_holding_the_response_headers_gets_the_body_whole() {
+    let up = upstream("up", Behavior::default()).await;
+    let plugins = format!(
+        "  - {{ name: h, module: \"{}\", config: \"hold-resp\" }}\n",
+        guest("http").display()
+    );
+    let routes = "  - { name: r, filters: [h], backends: [ { cluster: up } ] }\n";
+    let gw = gateway(&cfg(&plugins, routes, up.addr, "")).await;
+    let r = get(gw.addr("main").await, "x", "/held", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.headers.get("x-resp").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    assert_eq!(r.json()["uri"], "/held", "the body went through whole");
+    assert_length_announced(&r);
+}
+
 /// The response came with a `content-length` of its body's length, not chunked.
 fn assert_length_announced(r: &Reply) {
     assert_eq!(

@@ -3,8 +3,8 @@
 //! shared data with CAS, metrics, foreign functions, log level, VM and plugin configuration.
 //!
 //! Plugin configuration: a comma-separated list of words: `buffer` (pause request body chunks
-//! until the end, then replace it), `buffer-resp` (same for the response), `reject` (refuse
-//! configuration).
+//! until the end, then replace it), `buffer-resp` (same for the response), `hold-resp` (pause
+//! on the response headers, so the body comes buffered), `reject` (refuse configuration).
 
 use std::time::Duration;
 
@@ -274,6 +274,10 @@ impl HttpContext for Http {
             self.set_http_response_header(":status", Some("201"));
         }
         self.set_http_response_header("server", None);
+        if self.has("hold-resp") {
+            // Envoy buffers the body while a filter holds the headers; it gets it whole.
+            return Action::Pause;
+        }
         Action::Continue
     }
 
