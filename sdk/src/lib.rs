@@ -1,3 +1,4 @@
 //! Weir SDK for filter authors.
 
 pub mod address;
+pub mod properties;

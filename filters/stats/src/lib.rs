@@ -37,6 +37,7 @@ use std::rc::Rc;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel, MetricType};
+use weir_sdk::properties::{PropertyBatch, PropertyValues};
 
 use crate::config::{Reporter, Settings};
 use crate::labels::{RequestLabels, SeriesCache};
@@ -137,40 +138,82 @@ struct Stats {
 
 impl Context for Stats {}
 
+/// The properties one request's record reads, fetched together (one host call on Weir).
+const PROPERTIES: [&[&str]; 9] = [
+    &["request", "host"],
+    &["xds", "cluster_name"],
+    &["connection", "mtls"],
+    &["response", "code"],
+    &["response", "grpc_status"],
+    &["response", "flags"],
+    &["request", "duration"],
+    &["request", "total_size"],
+    &["response", "total_size"],
+];
+
+/// Indexes into [`PROPERTIES`].
+mod at {
+    pub const HOST: usize = 0;
+    pub const CLUSTER: usize = 1;
+    pub const MTLS: usize = 2;
+    pub const CODE: usize = 3;
+    pub const GRPC_STATUS: usize = 4;
+    pub const FLAGS: usize = 5;
+    pub const DURATION: usize = 6;
+    pub const REQUEST_SIZE: usize = 7;
+    pub const RESPONSE_SIZE: usize = 8;
+}
+
+thread_local! {
+    /// [`PROPERTIES`], encoded once for the batch lookup.
+    static BATCH: PropertyBatch = PropertyBatch::new(&PROPERTIES);
+}
+
+/// The values of [`PROPERTIES`] for one request.
+struct Properties(PropertyValues);
+
+impl Properties {
+    fn fetch() -> Properties {
+        Properties(BATCH.with(PropertyBatch::fetch))
+    }
+
+    fn bytes(&self, i: usize) -> Option<&[u8]> {
+        self.0.get(i)
+    }
+
+    fn text(&self, i: usize) -> Option<String> {
+        self.bytes(i)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    fn number(&self, i: usize) -> Option<u64> {
+        Some(u64::from_le_bytes(
+            self.bytes(i)?.get(..8)?.try_into().ok()?,
+        ))
+    }
+}
+
 impl Stats {
-    fn text(&self, path: &[&str]) -> Option<String> {
-        self.get_property(path.to_vec())
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-    }
-
-    fn number(&self, path: &[&str]) -> Option<u64> {
-        let v = self.get_property(path.to_vec())?;
-        Some(u64::from_le_bytes(v.get(..8)?.try_into().ok()?))
-    }
-
     /// The per-request labels, from the host's properties.
-    fn request_labels(&self, settings: &Settings) -> RequestLabels {
+    fn request_labels(&self, settings: &Settings, p: &Properties) -> RequestLabels {
         // Bytes: a header value need not be UTF-8.
         let grpc = self
             .get_http_request_header_bytes("content-type")
             .is_some_and(|c| c.starts_with(b"application/grpc"));
-        let host = self.text(&["request", "host"]).unwrap_or_default();
+        let host = p.text(at::HOST).unwrap_or_default();
         let service = match weir_sdk::address::without_port(&host) {
             "" => "unknown".to_string(),
             h => h.to_string(),
         };
-        let cluster = self
-            .text(&["xds", "cluster_name"])
-            .filter(|c| !c.is_empty());
+        let cluster = p.text(at::CLUSTER).filter(|c| !c.is_empty());
         let (policy, peer) = match settings.reporter {
             Reporter::Source => ("unknown", None),
             Reporter::Destination => {
-                let mtls = self
-                    .get_property(vec!["connection", "mtls"])
-                    .is_some_and(|v| v.first() == Some(&1));
+                let mtls = p.bytes(at::MTLS).is_some_and(|v| v.first() == Some(&1));
                 let peer = (mtls && settings.source.principal.is_none())
-                    .then(|| self.text(&["connection", "uri_san_peer_certificate"]))
-                    .flatten();
+                    .then(|| self.get_property(vec!["connection", "uri_san_peer_certificate"]))
+                    .flatten()
+                    .map(|v| String::from_utf8_lossy(&v).into_owned());
                 (if mtls { "mutual_tls" } else { "none" }, peer)
             }
         };
@@ -179,17 +222,15 @@ impl Stats {
             destination_service_name: cluster.unwrap_or_else(|| service.clone()),
             destination_service: service,
             request_protocol: if grpc { "grpc" } else { "http" },
-            response_code: self.number(&["response", "code"]).unwrap_or(0).to_string(),
+            response_code: p.number(at::CODE).unwrap_or(0).to_string(),
             grpc_response_status: if grpc {
-                self.number(&["response", "grpc_status"])
+                p.number(at::GRPC_STATUS)
                     .map(|s| s.to_string())
                     .unwrap_or_default()
             } else {
                 String::new()
             },
-            response_flags: labels::response_flags(
-                self.number(&["response", "flags"]).unwrap_or(0),
-            ),
+            response_flags: labels::response_flags(p.number(at::FLAGS).unwrap_or(0)),
             connection_security_policy: policy,
         }
     }
@@ -201,7 +242,8 @@ impl HttpContext for Stats {
             return;
         };
         let mut recorder = recorder.borrow_mut();
-        let labels = self.request_labels(&recorder.settings);
+        let p = Properties::fetch();
+        let labels = self.request_labels(&recorder.settings, &p);
         let ids = match recorder.ids(&labels) {
             Ok(ids) => ids,
             Err(e) => {
@@ -209,9 +251,9 @@ impl HttpContext for Stats {
                 return;
             }
         };
-        let duration_ms = self.number(&["request", "duration"]).unwrap_or(0) / 1_000_000;
-        let request_bytes = self.number(&["request", "total_size"]).unwrap_or(0);
-        let response_bytes = self.number(&["response", "total_size"]).unwrap_or(0);
+        let duration_ms = p.number(at::DURATION).unwrap_or(0) / 1_000_000;
+        let request_bytes = p.number(at::REQUEST_SIZE).unwrap_or(0);
+        let response_bytes = p.number(at::RESPONSE_SIZE).unwrap_or(0);
         let _ = hostcalls::increment_metric(ids[0], 1);
         let _ = hostcalls::record_metric(ids[1], duration_ms);
         let _ = hostcalls::record_metric(ids[2], request_bytes);

@@ -45,6 +45,15 @@ pub type ForeignFunction = Arc<dyn Fn(&[u8]) -> Result<Bytes, Status> + Send + S
 /// alone).
 pub const RATE_LIMIT_FUNCTION: &str = "weir_rate_limit";
 
+/// The foreign function that answers several `proxy_get_property` lookups in one call (served
+/// by the host, whatever the [`HostEnv`]): a filter's fast path where Envoy would need one call
+/// per property. Arguments: a little-endian `u32` count `n`, `n` little-endian `u32` lengths,
+/// then the `n` property paths (segments separated by NUL, as for `proxy_get_property`).
+/// Result: `n`, then `n` little-endian `u32` lengths (`u32::MAX` for a property that does not
+/// exist), then the values, in the encodings of `proxy_get_property`. Hosts without it (Envoy)
+/// answer `NOT_FOUND`: fall back to `proxy_get_property`.
+pub const GET_PROPERTIES_FUNCTION: &str = "weir_get_properties";
+
 /// The byte after the cost that says a [`RATE_LIMIT_FUNCTION`] call carries its own quota.
 pub const RATE_LIMIT_QUOTA_MARKER: u8 = 0xFF;
 

@@ -42,10 +42,10 @@ pub use config::{EngineConfig, FailPolicy, Limits, PluginConfig, ReplicaChoice};
 pub use error::{CallError, PluginError};
 pub use grpc_stream::{GrpcRequestBody, GrpcResponseBody, GrpcStreamCancelled, GrpcStreamFuture};
 pub use host_env::{
-    CallResponse, ForeignFunction, ForeignRegistry, HostEnv, NoopEnv, RATE_LIMIT_FUNCTION,
-    RATE_LIMIT_QUOTA_MARKER, RateLimitQuota, RateLimitRequest, decode_rate_limit_args,
-    decode_rate_limit_request, encode_rate_limit_allowed, encode_rate_limit_request,
-    encode_rate_limit_result,
+    CallResponse, ForeignFunction, ForeignRegistry, GET_PROPERTIES_FUNCTION, HostEnv, NoopEnv,
+    RATE_LIMIT_FUNCTION, RATE_LIMIT_QUOTA_MARKER, RateLimitQuota, RateLimitRequest,
+    decode_rate_limit_args, decode_rate_limit_request, encode_rate_limit_allowed,
+    encode_rate_limit_request, encode_rate_limit_result,
 };
 pub use metrics::{
     Histogram, HistogramSnapshot, MetricSample, MetricValue, PluginStats, PrometheusName,

@@ -38,6 +38,50 @@ pub(crate) fn key(path: &[u8]) -> &[u8] {
     path.strip_suffix(b"\0").unwrap_or(path)
 }
 
+/// [`GET_PROPERTIES_FUNCTION`](crate::GET_PROPERTIES_FUNCTION): look up several properties in
+/// one call. `args`: a little-endian `u32` count `n`, `n` little-endian `u32` lengths, then the
+/// `n` paths (each as `proxy_get_property` takes it: segments separated by NUL). Result: `n`,
+/// `n` lengths (`u32::MAX` for a property that does not exist), then the values. Malformed
+/// arguments are `BAD_ARGUMENT`.
+pub(crate) fn get_many(args: &[u8], state: &HostState) -> Result<Vec<u8>, Status> {
+    let u32_at = |at: usize| -> Result<usize, Status> {
+        let b = args.get(at..at + 4).ok_or(Status::BadArgument)?;
+        Ok(u32::from_le_bytes(b.try_into().map_err(|_| Status::BadArgument)?) as usize)
+    };
+    let n = u32_at(0)?;
+    let mut at = 4usize
+        .checked_add(n.checked_mul(4).ok_or(Status::BadArgument)?)
+        .ok_or(Status::BadArgument)?;
+    if at > args.len() {
+        return Err(Status::BadArgument);
+    }
+    let mut values = Vec::with_capacity(n);
+    for i in 0..n {
+        let len = u32_at(4 + 4 * i)?;
+        let path = args.get(at..at + len).ok_or(Status::BadArgument)?;
+        at += len;
+        values.push(match get(state, path) {
+            Ok(v) => Some(v),
+            Err(Status::NotFound) => None,
+            Err(e) => return Err(e),
+        });
+    }
+    if at != args.len() {
+        return Err(Status::BadArgument);
+    }
+    let size: usize = values.iter().flatten().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(4 + 4 * n + size);
+    out.extend_from_slice(&(n as u32).to_le_bytes());
+    for v in &values {
+        let len = v.as_ref().map_or(u32::MAX, |v| v.len() as u32);
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+    for v in values.iter().flatten() {
+        out.extend_from_slice(v);
+    }
+    Ok(out)
+}
+
 /// Look up a property for the effective context.
 pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
     let path = key(path);

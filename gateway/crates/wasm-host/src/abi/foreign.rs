@@ -1,10 +1,12 @@
-//! Foreign functions: `proxy_call_foreign_function(name, args) -> result`, served by
+//! Foreign functions: `proxy_call_foreign_function(name, args) -> result`, served by the host
+//! itself for [`GET_PROPERTIES_FUNCTION`](crate::GET_PROPERTIES_FUNCTION), else by
 //! [`crate::HostEnv::foreign_function`].
 
 use wasmtime::{Caller, Linker};
 
 use super::started;
 use crate::memory::{self, HostResult, finish};
+use crate::properties;
 use crate::state::HostState;
 use crate::types::Status;
 
@@ -19,9 +21,13 @@ fn call(
 ) -> HostResult {
     started(c)?;
     let name = memory::read_string(c, np, nl)?;
-    let args = memory::read(c, ap, al)?;
     memory::check(c, rp, 4)?;
     memory::check(c, rl, 4)?;
+    if name == crate::GET_PROPERTIES_FUNCTION {
+        let result = memory::with_slice(c, ap, al, properties::get_many)??;
+        return memory::return_bytes(c, &result, rp, rl);
+    }
+    let args = memory::read(c, ap, al)?;
     let f = c
         .data()
         .shared

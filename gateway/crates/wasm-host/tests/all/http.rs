@@ -405,6 +405,17 @@ async fn metrics_foreign_functions_and_callback_order() {
     );
     let x = exchange(&p, request("/", &[("x-foreign", "abc")])).await;
     assert_eq!(hv(&x.request.headers, "x-foreign-result"), Some("cba"));
+    // Weir's own foreign function: several properties in one call, a missing one marked.
+    let x = exchange(&p, request("/props?a=1", &[("x-get-properties", "1")])).await;
+    let plugin = p.name().to_string();
+    assert_eq!(
+        hv(&x.request.headers, "x-properties"),
+        Some(format!("/props?a=1|<none>|{plugin}").as_str())
+    );
+    assert_eq!(
+        hv(&x.request.headers, "x-properties-bad"),
+        Some("Some(BadArgument)")
+    );
     let x = exchange(&p, request("/", &[("x-foreign", "fail")])).await;
     assert_eq!(
         hv(&x.request.headers, "x-foreign-result"),

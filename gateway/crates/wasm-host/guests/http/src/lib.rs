@@ -181,6 +181,37 @@ impl HttpContext for Http {
                 other => panic!("unexpected {other:?}"),
             }
         }
+        if self.get_http_request_header("x-get-properties").is_some() {
+            // Weir's batch property lookup: `:path`, a property that does not exist, the plugin
+            // name; then arguments that promise more paths than they carry.
+            let paths: [&[u8]; 3] = [b"request\0path", b"no\0such", b"plugin_name"];
+            let mut args = 3u32.to_le_bytes().to_vec();
+            for p in paths {
+                args.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            }
+            for p in paths {
+                args.extend_from_slice(p);
+            }
+            let r = hostcalls::call_foreign_function("weir_get_properties", Some(&args))
+                .unwrap()
+                .unwrap_or_default();
+            let mut at = 16;
+            let values: Vec<String> = (0..3)
+                .map(|i| {
+                    let len = u32::from_le_bytes(r[4 + 4 * i..8 + 4 * i].try_into().unwrap());
+                    if len == u32::MAX {
+                        return "<none>".to_string();
+                    }
+                    let v = String::from_utf8_lossy(&r[at..at + len as usize]).into_owned();
+                    at += len as usize;
+                    v
+                })
+                .collect();
+            self.set_http_request_header("x-properties", Some(&values.join("|")));
+            let bad =
+                hostcalls::call_foreign_function("weir_get_properties", Some(&9u32.to_le_bytes()));
+            self.set_http_request_header("x-properties-bad", Some(&format!("{:?}", bad.err())));
+        }
         if let Some(key) = self.get_http_request_header("x-ratelimit-key") {
             let mut args = 1u32.to_le_bytes().to_vec();
             args.extend_from_slice(key.as_bytes());
