@@ -18,14 +18,17 @@ fn text(s: &str) -> Vec<u8> {
     s.as_bytes().to_vec()
 }
 
-fn addr(a: Option<SocketAddr>, part: &str) -> Option<Vec<u8>> {
+fn addr(a: Option<SocketAddr>, part: &[u8]) -> Option<Vec<u8>> {
     let a = a?;
     match part {
-        "address" => Some(text(&a.to_string())),
-        "port" => Some(int(u64::from(a.port()))),
+        b"address" => Some(text(&a.to_string())),
+        b"port" => Some(int(u64::from(a.port()))),
         _ => None,
     }
 }
+
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 fn unix_ns(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -93,89 +96,91 @@ pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
     if let Some(v) = state.root_properties.get(path) {
         return Ok(v.to_vec());
     }
-    // The first segments, as text (no property of Envoy's has more than four).
-    let mut segs = [""; 4];
+    // The first segments (no property of Envoy's has more than four).
+    let mut segs: [&[u8]; 4] = [b""; 4];
     for (slot, s) in segs.iter_mut().zip(path.split(|b| *b == 0)) {
-        *slot = std::str::from_utf8(s).unwrap_or("\u{fffd}");
+        *slot = s;
     }
     let root = state.root();
-    let seg = |i: usize| segs.get(i).copied().unwrap_or("");
+    let seg = |i: usize| segs.get(i).copied().unwrap_or(b"");
     let found = match seg(0) {
-        "plugin_name" => root.map(|r| text(&r.plugin_name)),
-        "plugin_root_id" => root.map(|r| text(&r.root_id)),
-        "plugin_vm_id" => Some(text(&state.shared.vm_id)),
-        "connection_id" => stream.map(|s| int(s.info.connection_id)),
-        "source" => stream.and_then(|s| addr(s.info.source, seg(1))),
-        "destination" => stream.and_then(|s| addr(s.info.destination, seg(1))),
-        "upstream" => stream.and_then(|s| addr(s.upstream, seg(1))),
-        "connection" => stream.and_then(|s| {
+        b"plugin_name" => root.map(|r| text(&r.plugin_name)),
+        b"plugin_root_id" => root.map(|r| text(&r.root_id)),
+        b"plugin_vm_id" => Some(text(&state.shared.vm_id)),
+        b"connection_id" => stream.map(|s| int(s.info.connection_id)),
+        b"source" => stream.and_then(|s| addr(s.info.source, seg(1))),
+        b"destination" => stream.and_then(|s| addr(s.info.destination, seg(1))),
+        b"upstream" => stream.and_then(|s| addr(s.upstream, seg(1))),
+        b"connection" => stream.and_then(|s| {
             let tls = s.info.tls.as_ref();
             match seg(1) {
-                "id" => Some(int(s.info.connection_id)),
-                "mtls" => Some(vec![u8::from(tls.is_some_and(|t| t.mtls))]),
-                "requested_server_name" => tls.and_then(|t| t.sni.as_deref()).map(text),
-                "tls_version" => tls.map(|t| text(&t.version)),
-                "subject_local_certificate" => {
+                b"id" => Some(int(s.info.connection_id)),
+                b"mtls" => Some(vec![u8::from(tls.is_some_and(|t| t.mtls))]),
+                b"requested_server_name" => tls.and_then(|t| t.sni.as_deref()).map(text),
+                b"tls_version" => tls.map(|t| text(&t.version)),
+                b"subject_local_certificate" => {
                     tls.and_then(|t| t.local_subject.as_deref()).map(text)
                 }
-                "subject_peer_certificate" => tls.and_then(|t| t.peer_subject.as_deref()).map(text),
-                "uri_san_peer_certificate" => {
+                b"subject_peer_certificate" => {
+                    tls.and_then(|t| t.peer_subject.as_deref()).map(text)
+                }
+                b"uri_san_peer_certificate" => {
                     tls.and_then(|t| t.peer_uri_sans.first()).map(|s| text(s))
                 }
-                "dns_san_peer_certificate" => {
+                b"dns_san_peer_certificate" => {
                     tls.and_then(|t| t.peer_dns_sans.first()).map(|s| text(s))
                 }
                 _ => None,
             }
         }),
-        "xds" => match seg(1) {
-            "route_name" => stream.map(|s| text(&s.info.route_name)),
-            "cluster_name" => {
+        b"xds" => match seg(1) {
+            b"route_name" => stream.map(|s| text(&s.info.route_name)),
+            b"cluster_name" => {
                 stream.map(|s| text(s.cluster.as_deref().unwrap_or(&s.info.cluster_name)))
             }
-            "virtual_host_name" => stream.map(|s| text(&s.info.virtual_host_name)),
-            "listener_name" => stream.map(|s| text(&s.info.listener_name)),
-            "listener_direction" => Some(int(1)),
+            b"virtual_host_name" => stream.map(|s| text(&s.info.virtual_host_name)),
+            b"listener_name" => stream.map(|s| text(&s.info.listener_name)),
+            b"listener_direction" => Some(int(1)),
             _ => None,
         },
         // A network stream has no request or response.
-        "request" => stream.filter(|s| !s.network).and_then(|s| {
+        b"request" => stream.filter(|s| !s.network).and_then(|s| {
             let head = s.request.as_ref();
-            let header = |name: &str| {
+            let header = |name: &http::HeaderName| {
                 head.and_then(|h| h.headers.get(name))
                     .map(|v| v.as_bytes().to_vec())
             };
             match seg(1) {
-                "path" => head.map(|h| text(&h.path)),
-                "url_path" => head.map(|h| text(h.path.split('?').next().unwrap_or(""))),
-                "query" => head.map(|h| text(h.path.split_once('?').map(|x| x.1).unwrap_or(""))),
-                "host" => head.map(|h| text(&h.authority)),
-                "scheme" => head.map(|h| text(&h.scheme)),
-                "method" => head.map(|h| text(h.method.as_str())),
-                "headers" => head.map(|h| {
+                b"path" => head.map(|h| text(&h.path)),
+                b"url_path" => head.map(|h| text(h.path.split('?').next().unwrap_or(""))),
+                b"query" => head.map(|h| text(h.path.split_once('?').map(|x| x.1).unwrap_or(""))),
+                b"host" => head.map(|h| text(&h.authority)),
+                b"scheme" => head.map(|h| text(&h.scheme)),
+                b"method" => head.map(|h| text(h.method.as_str())),
+                b"headers" => head.map(|h| {
                     let mut h = h.clone();
                     MapRef::Request(&mut h).serialize()
                 }),
-                "referer" => header("referer"),
-                "useragent" => header("user-agent"),
-                "id" => match &s.info.request_id {
+                b"referer" => header(&http::header::REFERER),
+                b"useragent" => header(&http::header::USER_AGENT),
+                b"id" => match &s.info.request_id {
                     Some(id) => Some(id.as_bytes().to_vec()),
-                    None => header("x-request-id"),
+                    None => header(&X_REQUEST_ID),
                 },
-                "time" => Some(int(unix_ns(s.info.start_time))),
-                "duration" => Some(int(SystemTime::now()
+                b"time" => Some(int(unix_ns(s.info.start_time))),
+                b"duration" => Some(int(SystemTime::now()
                     .duration_since(s.info.start_time)
                     .map(|d| d.as_nanos() as u64)
                     .unwrap_or(0))),
-                "protocol" => Some(text(match s.info.protocol {
+                b"protocol" => Some(text(match s.info.protocol {
                     http::Version::HTTP_09 => "HTTP/0.9",
                     http::Version::HTTP_10 => "HTTP/1.0",
                     http::Version::HTTP_2 => "HTTP/2",
                     http::Version::HTTP_3 => "HTTP/3",
                     _ => "HTTP/1.1",
                 })),
-                "size" => Some(int(s.request_body_bytes)),
-                "total_size" => Some(int(s.request_body_bytes
+                b"size" => Some(int(s.request_body_bytes)),
+                b"total_size" => Some(int(s.request_body_bytes
                     + head.map_or(0, |h| {
                         h.headers
                             .iter()
@@ -185,31 +190,31 @@ pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
                 _ => None,
             }
         }),
-        "response" => stream.filter(|s| !s.network).and_then(|s| {
+        b"response" => stream.filter(|s| !s.network).and_then(|s| {
             let head = s.response.as_ref();
             match seg(1) {
-                "code" => head.map(|h| int(u64::from(h.status.as_u16()))),
-                "code_details" => s.response_code_details.as_deref().map(text),
-                "flags" => Some(int(s.response_flags)),
-                "grpc_status" => head
-                    .and_then(|h| h.headers.get("grpc-status"))
+                b"code" => head.map(|h| int(u64::from(h.status.as_u16()))),
+                b"code_details" => s.response_code_details.as_deref().map(text),
+                b"flags" => Some(int(s.response_flags)),
+                b"grpc_status" => head
+                    .and_then(|h| h.headers.get(&GRPC_STATUS))
                     .or_else(|| {
                         s.response_trailers
                             .as_ref()
-                            .and_then(|t| t.get("grpc-status"))
+                            .and_then(|t| t.get(&GRPC_STATUS))
                     })
                     .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
                     .map(int),
-                "headers" => head.map(|h| {
+                b"headers" => head.map(|h| {
                     let mut h = h.clone();
                     MapRef::Response(&mut h).serialize()
                 }),
-                "trailers" => s.response_trailers.as_ref().map(|t| {
+                b"trailers" => s.response_trailers.as_ref().map(|t| {
                     let mut t = t.clone();
                     MapRef::Plain(&mut t).serialize()
                 }),
-                "size" => Some(int(s.response_body_bytes)),
-                "total_size" => Some(int(s.response_body_bytes
+                b"size" => Some(int(s.response_body_bytes)),
+                b"total_size" => Some(int(s.response_body_bytes
                     + head.map_or(0, |h| {
                         h.headers
                             .iter()

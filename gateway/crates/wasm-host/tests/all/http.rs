@@ -60,8 +60,26 @@ async fn properties_and_set_property_round_trip() {
         "",
         FailPolicy::Closed,
     );
-    let x = exchange(&p, request("/a/b?x=y", &[("referer", "r")])).await;
+    let x = exchange(
+        &p,
+        request(
+            "/a/b?x=y",
+            &[
+                ("referer", "r"),
+                ("user-agent", "ua"),
+                ("x-request-id", "rid"),
+            ],
+        ),
+    )
+    .await;
     let r = &x.response.headers;
+    assert_eq!(hv(r, "x-prop-referer"), Some("r"));
+    assert_eq!(hv(r, "x-prop-useragent"), Some("ua"));
+    assert_eq!(
+        hv(r, "x-prop-id"),
+        Some("rid"),
+        "request.id from x-request-id"
+    );
     assert_eq!(hv(r, "x-prop-path"), Some("/a/b?x=y"));
     assert_eq!(hv(r, "x-prop-url-path"), Some("/a/b"));
     assert_eq!(hv(r, "x-prop-method"), Some("GET"));

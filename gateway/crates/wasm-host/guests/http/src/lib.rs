@@ -281,6 +281,9 @@ impl HttpContext for Http {
             ("x-prop-route", prop(self, vec!["xds", "route_name"])),
             ("x-prop-color", prop(self, vec!["weir", "color"])),
             ("x-prop-missing", prop(self, vec!["no", "such"])),
+            ("x-prop-referer", prop(self, vec!["request", "referer"])),
+            ("x-prop-useragent", prop(self, vec!["request", "useragent"])),
+            ("x-prop-id", prop(self, vec!["request", "id"])),
         ];
         for (k, v) in values {
             self.set_http_response_header(k, Some(&v));
