@@ -280,14 +280,14 @@ pub async fn on_response(
         }
         // The first chunk, if it is already here (it usually came in the same read as the
         // headers): a body that is complete need not stream.
-        let first = match body.frame().now_or_never() {
+        let (first, ended) = match body.frame().now_or_never() {
             None => {
                 drop(guard);
                 let body = FilteredBody::response(streams.clone(), body, None);
                 return ResponseVerdict::Send(respond(head, version, body, Length::MayChange));
             }
             Some(Some(Ok(frame))) => match frame.into_data() {
-                Ok(data) => data,
+                Ok(data) => (data, false),
                 Err(frame) => {
                     // Trailers (or another frame) first: stream them through the chain.
                     drop(guard);
@@ -301,9 +301,9 @@ pub async fn on_response(
                 return ResponseVerdict::Send(respond(head, version, body, Length::MayChange));
             }
             // Ended without a chunk: the filters see an empty end of stream.
-            Some(None) => Bytes::new(),
+            Some(None) => (Bytes::new(), true),
         };
-        let end = body.is_end_stream();
+        let end = ended || body.is_end_stream();
         let mut buf = into_mut(first.clone());
         if run_data(&mut guard, Direction::Response, &mut buf, end)
             .await
