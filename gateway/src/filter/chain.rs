@@ -3,9 +3,11 @@
 //!
 //! Two modes per direction. When every filter continues on the headers, bodies stream: each
 //! chunk runs through the filters as it passes (`FilteredBody`), and a filter that pauses on a
-//! chunk keeps it in the host until it continues. When a filter pauses on the headers, the body
-//! is buffered (up to `BODY_BUFFER_LIMIT`) and handed to it, and to the filters after it, in one
-//! piece, as Envoy does when a body arrives in one read.
+//! chunk keeps it in the host until it continues. A response whose body has already arrived
+//! whole when its headers are through runs its body callbacks at once and goes out with a
+//! `content-length`. When a filter pauses on the headers, the body is buffered (up to
+//! `BODY_BUFFER_LIMIT`) and handed to it, and to the filters after it, in one piece, as Envoy
+//! does when a body arrives in one read.
 
 use std::future::Future;
 use std::pin::Pin;
