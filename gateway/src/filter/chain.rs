@@ -306,7 +306,7 @@ pub async fn on_response(
             Some(None) => (Bytes::new(), true),
         };
         let end = ended || body.is_end_stream();
-        let mut buf = into_mut(first.clone());
+        let mut buf = into_mut(first);
         if run_data(&mut guard, Direction::Response, &mut buf, end)
             .await
             .is_err()
@@ -316,13 +316,7 @@ pub async fn on_response(
         drop(guard);
         if end {
             let length = Length::Exactly(buf.len());
-            // Untouched by the filters: send the chunk as it came.
-            let data = if buf[..] == first[..] {
-                first
-            } else {
-                buf.freeze()
-            };
-            return ResponseVerdict::Send(respond(head, version, full(data), length));
+            return ResponseVerdict::Send(respond(head, version, full(buf.freeze()), length));
         }
         let filtered = (!buf.is_empty()).then(|| Frame::data(buf.freeze()));
         let body = FilteredBody::response_after(streams.clone(), body, filtered);

@@ -524,19 +524,25 @@ impl HttpStream {
         if self.deliver_callouts().is_err() {
             return Some(self.failure_decision());
         }
+        self.take_actions().err()
+    }
+
+    /// Take the actions requested for this stream. A local reply or a close ends the wait at
+    /// once, as that decision (the callouts still in flight are dropped).
+    fn take_actions(&mut self) -> Result<Actions, Decision> {
         let ctx = self.ctx();
-        let actions = std::mem::take(&mut ctx.actions);
-        if let Some(reply) = actions.local_reply {
+        let mut actions = std::mem::take(&mut ctx.actions);
+        if let Some(reply) = actions.local_reply.take() {
             ctx.local_reply_sent = true;
             ctx.response_code_details = Some(reply.details.clone());
             self.pending = None;
-            return Some(Decision::LocalReply(reply));
+            return Err(Decision::LocalReply(reply));
         }
         if actions.close {
             self.pending = None;
-            return Some(Decision::Reset);
+            return Err(Decision::Reset);
         }
-        None
+        Ok(actions)
     }
 
     /// Deliver the callouts that already answered and the gRPC stream events already there
@@ -628,18 +634,10 @@ impl HttpStream {
     /// deferred actions. `None`: the filter is paused and must be waited for with
     /// [`resolve_waiting`](Self::resolve_waiting).
     fn resolve_now(&mut self, dir: Dir, action: i32, part: Part) -> Option<Decision> {
-        let ctx = self.ctx();
-        let actions = std::mem::take(&mut ctx.actions);
-        if let Some(reply) = actions.local_reply {
-            ctx.local_reply_sent = true;
-            ctx.response_code_details = Some(reply.details.clone());
-            self.pending = None;
-            return Some(Decision::LocalReply(reply));
-        }
-        if actions.close {
-            self.pending = None;
-            return Some(Decision::Reset);
-        }
+        let actions = match self.take_actions() {
+            Ok(a) => a,
+            Err(d) => return Some(d),
+        };
         let resumed = match dir {
             Dir::Request => actions.continue_request,
             Dir::Response => actions.continue_response,
