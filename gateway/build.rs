@@ -12,6 +12,11 @@ fn main() {
     let filters = root.join("filters");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed={}", filters.display());
+    // The `wasm` profile the filters are built with lives in the workspace manifest.
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("Cargo.toml").display()
+    );
     println!("cargo:rerun-if-env-changed=WEIR_SKIP_BUILTIN_FILTERS");
     let mut crates: Vec<(String, PathBuf)> = Vec::new();
     if let Ok(entries) = std::fs::read_dir(&filters) {

@@ -10,18 +10,44 @@ use crate::headers::MapRef;
 use crate::state::HostState;
 use crate::types::Status;
 
-fn int(v: u64) -> Vec<u8> {
-    v.to_le_bytes().to_vec()
+/// A property's value, borrowed from the stream where it can be: looking one up allocates only
+/// for addresses and header maps.
+#[derive(Debug)]
+pub(crate) enum Value<'a> {
+    /// 8-byte little-endian integer (also durations and timestamps).
+    Int(u64),
+    /// One byte (booleans).
+    Byte(u8),
+    /// Raw bytes (strings).
+    Bytes(&'a [u8]),
+    /// Bytes made for this lookup (addresses, serialized maps).
+    Owned(Vec<u8>),
 }
 
-fn text(s: &str) -> Vec<u8> {
-    s.as_bytes().to_vec()
+impl Value<'_> {
+    /// Append the encoded value to `out`.
+    pub(crate) fn write_to(&self, out: &mut Vec<u8>) {
+        match self {
+            Value::Int(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Value::Byte(b) => out.push(*b),
+            Value::Bytes(b) => out.extend_from_slice(b),
+            Value::Owned(b) => out.extend_from_slice(b),
+        }
+    }
 }
 
-fn addr(a: Option<SocketAddr>, part: &[u8]) -> Option<Vec<u8>> {
+fn int<'a>(v: u64) -> Value<'a> {
+    Value::Int(v)
+}
+
+fn text(s: &str) -> Value<'_> {
+    Value::Bytes(s.as_bytes())
+}
+
+fn addr<'a>(a: Option<SocketAddr>, part: &[u8]) -> Option<Value<'a>> {
     let a = a?;
     match part {
-        b"address" => Some(text(&a.to_string())),
+        b"address" => Some(Value::Owned(a.to_string().into_bytes())),
         b"port" => Some(int(u64::from(a.port()))),
         _ => None,
     }
@@ -58,43 +84,41 @@ pub(crate) fn get_many(args: &[u8], state: &HostState) -> Result<Vec<u8>, Status
     if at > args.len() {
         return Err(Status::BadArgument);
     }
-    let mut values = Vec::with_capacity(n);
+    // The lengths are filled in as the values are appended after them.
+    let mut out = Vec::with_capacity(4 + 4 * n + 16 * n);
+    out.extend_from_slice(&(n as u32).to_le_bytes());
+    out.resize(4 + 4 * n, 0);
     for i in 0..n {
         let len = u32_at(4 + 4 * i)?;
         let path = args.get(at..at + len).ok_or(Status::BadArgument)?;
         at += len;
-        values.push(match get(state, path) {
-            Ok(v) => Some(v),
-            Err(Status::NotFound) => None,
+        let written = match get(state, path) {
+            Ok(v) => {
+                let before = out.len();
+                v.write_to(&mut out);
+                (out.len() - before) as u32
+            }
+            Err(Status::NotFound) => u32::MAX,
             Err(e) => return Err(e),
-        });
+        };
+        out[4 + 4 * i..8 + 4 * i].copy_from_slice(&written.to_le_bytes());
     }
     if at != args.len() {
         return Err(Status::BadArgument);
-    }
-    let size: usize = values.iter().flatten().map(Vec::len).sum();
-    let mut out = Vec::with_capacity(4 + 4 * n + size);
-    out.extend_from_slice(&(n as u32).to_le_bytes());
-    for v in &values {
-        let len = v.as_ref().map_or(u32::MAX, |v| v.len() as u32);
-        out.extend_from_slice(&len.to_le_bytes());
-    }
-    for v in values.iter().flatten() {
-        out.extend_from_slice(v);
     }
     Ok(out)
 }
 
 /// Look up a property for the effective context.
-pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
+pub(crate) fn get<'a>(state: &'a HostState, path: &[u8]) -> Result<Value<'a>, Status> {
     let path = key(path);
     let stream = state.stream_ref();
     // Values set by the filter (filter state) win.
     if let Some(v) = stream.and_then(|s| s.filter_state.get(path)) {
-        return Ok(v.to_vec());
+        return Ok(Value::Bytes(v));
     }
     if let Some(v) = state.root_properties.get(path) {
-        return Ok(v.to_vec());
+        return Ok(Value::Bytes(v));
     }
     // The first segments (no property of Envoy's has more than four).
     let mut segs: [&[u8]; 4] = [b""; 4];
@@ -115,7 +139,7 @@ pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
             let tls = s.info.tls.as_ref();
             match seg(1) {
                 b"id" => Some(int(s.info.connection_id)),
-                b"mtls" => Some(vec![u8::from(tls.is_some_and(|t| t.mtls))]),
+                b"mtls" => Some(Value::Byte(u8::from(tls.is_some_and(|t| t.mtls)))),
                 b"requested_server_name" => tls.and_then(|t| t.sni.as_deref()).map(text),
                 b"tls_version" => tls.map(|t| text(&t.version)),
                 b"subject_local_certificate" => {
@@ -148,7 +172,7 @@ pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
             let head = s.request.as_ref();
             let header = |name: &http::HeaderName| {
                 head.and_then(|h| h.headers.get(name))
-                    .map(|v| v.as_bytes().to_vec())
+                    .map(|v| Value::Bytes(v.as_bytes()))
             };
             match seg(1) {
                 b"path" => head.map(|h| text(&h.path)),
@@ -159,12 +183,12 @@ pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
                 b"method" => head.map(|h| text(h.method.as_str())),
                 b"headers" => head.map(|h| {
                     let mut h = h.clone();
-                    MapRef::Request(&mut h).serialize()
+                    Value::Owned(MapRef::Request(&mut h).serialize())
                 }),
                 b"referer" => header(&http::header::REFERER),
                 b"useragent" => header(&http::header::USER_AGENT),
                 b"id" => match &s.info.request_id {
-                    Some(id) => Some(id.as_bytes().to_vec()),
+                    Some(id) => Some(Value::Bytes(id.as_bytes())),
                     None => header(&X_REQUEST_ID),
                 },
                 b"time" => Some(int(unix_ns(s.info.start_time))),
@@ -207,11 +231,11 @@ pub(crate) fn get(state: &HostState, path: &[u8]) -> Result<Vec<u8>, Status> {
                     .map(int),
                 b"headers" => head.map(|h| {
                     let mut h = h.clone();
-                    MapRef::Response(&mut h).serialize()
+                    Value::Owned(MapRef::Response(&mut h).serialize())
                 }),
                 b"trailers" => s.response_trailers.as_ref().map(|t| {
                     let mut t = t.clone();
-                    MapRef::Plain(&mut t).serialize()
+                    Value::Owned(MapRef::Plain(&mut t).serialize())
                 }),
                 b"size" => Some(int(s.response_body_bytes)),
                 b"total_size" => Some(int(s.response_body_bytes

@@ -725,7 +725,8 @@ impl HttpStream {
         let mut buf = std::mem::take(held);
         let chunk = data.len() as u64;
         if buf.is_empty() {
-            buf = data.split();
+            // Moved, not split: splitting would make the buffer shared (an allocation).
+            buf = std::mem::take(data);
         } else {
             buf.extend_from_slice(data);
             data.clear();

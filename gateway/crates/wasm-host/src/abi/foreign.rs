@@ -20,13 +20,17 @@ fn call(
     rl: i32,
 ) -> HostResult {
     started(c)?;
-    let name = memory::read_string(c, np, nl)?;
     memory::check(c, rp, 4)?;
     memory::check(c, rl, 4)?;
-    if name == crate::GET_PROPERTIES_FUNCTION {
+    // The host's own function is recognised in place: its name is not copied out.
+    let own = memory::with_slice(c, np, nl, |name, _| {
+        name == crate::GET_PROPERTIES_FUNCTION.as_bytes()
+    })?;
+    if own {
         let result = memory::with_slice(c, ap, al, properties::get_many)??;
         return memory::return_bytes(c, &result, rp, rl);
     }
+    let name = memory::read_string(c, np, nl)?;
     let args = memory::read(c, ap, al)?;
     let f = c
         .data()

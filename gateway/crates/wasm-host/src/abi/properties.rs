@@ -12,7 +12,13 @@ fn get(c: &mut Caller<'_, HostState>, pp: i32, pl: i32, rp: i32, rl: i32) -> Hos
     started(c)?;
     memory::check(c, rp, 4)?;
     memory::check(c, rl, 4)?;
-    let value = memory::with_slice(c, pp, pl, |path, state| properties::get(state, path))??;
+    let value = memory::with_slice(c, pp, pl, |path, state| {
+        properties::get(state, path).map(|v| {
+            let mut out = Vec::new();
+            v.write_to(&mut out);
+            out
+        })
+    })??;
     memory::return_bytes(c, &value, rp, rl)
 }
 
