@@ -114,6 +114,7 @@ pub fn check_plugins(
         config.configuration = config_bytes(p.config.as_ref());
         config.fail = fail;
         config.limits = limits;
+        config.portable = p.portable;
         let mut rules = Vec::new();
         for rule in &p.match_rules {
             let mut routes = Vec::new();

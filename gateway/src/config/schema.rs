@@ -658,6 +658,12 @@ pub struct Plugin {
     /// no quota of their own. `builtin:ratelimit` passes its own `requests`/`per`/`burst` with
     /// every call, so this does not apply to it. Default: 100 requests per second, burst 100.
     pub rate_limit: Option<ForeignRateLimit>,
+    /// Run the filter as Envoy and Istio would: Weir's foreign functions (`weir_get_properties`,
+    /// `weir_rate_limit`) answer `NOT_FOUND`, so the filter's portable fallback runs (for
+    /// checking, before shipping a filter to a mesh, that it behaves the same there).
+    /// Default: `false`.
+    #[serde(default)]
+    pub portable: bool,
 }
 
 /// A plugin's resource limits.

@@ -28,10 +28,8 @@ const CALLOUT_BODY_LIMIT: usize = 1 << 20;
 /// The host environment of one plugin.
 pub struct GatewayEnv {
     shared: Weak<Shared>,
-    /// Buckets of `weir_rate_limit` calls without a quota: the plugin's `rate_limit:`.
-    limiter: Arc<DefaultKeyedRateLimiter<Vec<u8>>>,
-    /// Buckets of `weir_rate_limit` calls that carry their own quota.
-    quotas: Arc<QuotaLimiters>,
+    /// `weir_rate_limit`, made once: a filter may call it on every request.
+    rate_limit: ForeignFunction,
 }
 
 impl GatewayEnv {
@@ -44,10 +42,46 @@ impl GatewayEnv {
             .allow_burst(burst);
         GatewayEnv {
             shared,
-            limiter: Arc::new(DefaultKeyedRateLimiter::keyed(quota)),
-            quotas: Arc::default(),
+            rate_limit: rate_limit_function(DefaultKeyedRateLimiter::keyed(quota)),
         }
     }
+}
+
+/// `weir_rate_limit`: calls without a quota take from `limiter` (the plugin's `rate_limit:`);
+/// calls that carry their own quota have buckets of their own.
+fn rate_limit_function(limiter: DefaultKeyedRateLimiter<Vec<u8>>) -> ForeignFunction {
+    let quotas = QuotaLimiters::default();
+    Arc::new(move |args: &[u8]| {
+        let call = weir_wasm_host::decode_rate_limit_request(args)?;
+        if let Some(quota) = call.quota {
+            return match quotas.check(quota, call.key, call.cost) {
+                Ok(QuotaDecision::Allowed { remaining }) => {
+                    Ok(weir_wasm_host::encode_rate_limit_allowed(remaining))
+                }
+                Ok(QuotaDecision::Limited { retry_after }) => {
+                    Ok(weir_wasm_host::encode_rate_limit_result(false, retry_after))
+                }
+                Err(TooManyQuotas) => Err(Status::InternalFailure),
+            };
+        }
+        let cost = NonZeroU32::new(call.cost.max(1)).ok_or(Status::BadArgument)?;
+        let key = call.key.as_bytes().to_vec();
+        match limiter.check_key_n(&key, cost) {
+            Ok(Ok(())) => Ok(weir_wasm_host::encode_rate_limit_result(
+                true,
+                Duration::ZERO,
+            )),
+            Ok(Err(not_until)) => {
+                let wait = not_until.wait_time_from(limiter.clock().now());
+                Ok(weir_wasm_host::encode_rate_limit_result(false, wait))
+            }
+            // More than the burst can ever allow.
+            Err(_) => Ok(weir_wasm_host::encode_rate_limit_result(
+                false,
+                Duration::MAX,
+            )),
+        }
+    })
 }
 
 impl GatewayEnv {
@@ -203,41 +237,6 @@ impl HostEnv for GatewayEnv {
     }
 
     fn foreign_function(&self, name: &str) -> Option<ForeignFunction> {
-        if name != RATE_LIMIT_FUNCTION {
-            return None;
-        }
-        let limiter = self.limiter.clone();
-        let quotas = self.quotas.clone();
-        Some(Arc::new(move |args: &[u8]| {
-            let call = weir_wasm_host::decode_rate_limit_request(args)?;
-            if let Some(quota) = call.quota {
-                return match quotas.check(quota, call.key, call.cost) {
-                    Ok(QuotaDecision::Allowed { remaining }) => {
-                        Ok(weir_wasm_host::encode_rate_limit_allowed(remaining))
-                    }
-                    Ok(QuotaDecision::Limited { retry_after }) => {
-                        Ok(weir_wasm_host::encode_rate_limit_result(false, retry_after))
-                    }
-                    Err(TooManyQuotas) => Err(Status::InternalFailure),
-                };
-            }
-            let cost = NonZeroU32::new(call.cost.max(1)).ok_or(Status::BadArgument)?;
-            let key = call.key.as_bytes().to_vec();
-            match limiter.check_key_n(&key, cost) {
-                Ok(Ok(())) => Ok(weir_wasm_host::encode_rate_limit_result(
-                    true,
-                    Duration::ZERO,
-                )),
-                Ok(Err(not_until)) => {
-                    let wait = not_until.wait_time_from(limiter.clock().now());
-                    Ok(weir_wasm_host::encode_rate_limit_result(false, wait))
-                }
-                // More than the burst can ever allow.
-                Err(_) => Ok(weir_wasm_host::encode_rate_limit_result(
-                    false,
-                    Duration::MAX,
-                )),
-            }
-        }))
+        (name == RATE_LIMIT_FUNCTION).then(|| self.rate_limit.clone())
     }
 }

@@ -1,8 +1,8 @@
 //! The built-in `ratelimit` and `stats` filters through the gateway.
 //!
-//! The gateway always provides `weir_rate_limit`, so these tests run the filter's fast path;
-//! its shared-data fallback (Envoy, Istio) is tested in the wasm-host crate
-//! (`tests/all/builtin_filters.rs`), on a host without the function.
+//! The gateway provides `weir_rate_limit` and `weir_get_properties`, so these tests run the
+//! filters' fast paths, except the `portable` variants, which run their fallbacks (Envoy,
+//! Istio). The wasm-host crate tests the fallbacks too (`tests/all/builtin_filters.rs`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -173,6 +173,19 @@ async fn metric_line(admin: SocketAddr, prefix: &str, needles: &[&str], value: &
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_count_requests_by_code_with_istio_labels() {
+    stats_through_the_gateway("gw-stats-test", false).await;
+}
+
+/// The same with `portable` plugins: `stats` reads its properties one `proxy_get_property` at a
+/// time and `ratelimit` keeps its buckets in shared data, as in Envoy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_the_same_with_portable_plugins() {
+    stats_through_the_gateway("gw-stats-portable", true).await;
+}
+
+/// Requests answered 200, 404, 429 (by `ratelimit`) and 503 (no upstream) through `stats`
+/// reporting as `workload`; check the series on `/metrics`.
+async fn stats_through_the_gateway(workload: &str, portable: bool) {
     let ok = upstream("shop", Behavior::default()).await;
     let missing = upstream(
         "gone",
@@ -183,7 +196,9 @@ async fn stats_count_requests_by_code_with_istio_labels() {
     )
     .await;
     // stats before ratelimit: it also sees the ratelimit's local replies.
-    let plugins = "  - name: st\n    module: builtin:stats\n    config: { source: { workload: gw-stats-test, namespace: edge } }\n  - { name: rl, module: builtin:ratelimit, config: { requests: 1, per: 1m } }\n";
+    let plugins = format!(
+        "  - name: st\n    module: builtin:stats\n    portable: {portable}\n    config: {{ source: {{ workload: {workload}, namespace: edge }} }}\n  - {{ name: rl, module: builtin:ratelimit, portable: {portable}, config: {{ requests: 1, per: 1m }} }}\n"
+    );
     // An endpoint nobody listens on: the connection fails (Envoy's UF flag).
     let down = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -191,7 +206,7 @@ async fn stats_count_requests_by_code_with_istio_labels() {
         .unwrap();
     let routes = "  - { name: gone, match: { path: { prefix: /gone } }, filters: [st], backends: [ { cluster: gone } ] }\n  - { name: down, match: { path: { prefix: /down } }, filters: [st], backends: [ { cluster: down } ] }\n  - { name: limited, match: { path: { prefix: /limited } }, filters: [st, rl], backends: [ { cluster: shop } ] }\n  - { name: shop, filters: [st], backends: [ { cluster: shop } ] }\n";
     let gw = gateway(&cfg(
-        plugins,
+        &plugins,
         routes,
         &[("shop", ok.addr), ("gone", missing.addr), ("down", down)],
     ))
@@ -211,7 +226,8 @@ async fn stats_count_requests_by_code_with_istio_labels() {
     assert_eq!(get(addr, "shop.example", "/down", &[]).await.status, 503);
 
     let admin = gw.admin();
-    let me = "source_workload=\"gw-stats-test\"";
+    let me = format!("source_workload=\"{workload}\"");
+    let me = me.as_str();
     let shop = "destination_service_name=\"shop\"";
     let line = metric_line(
         admin,
@@ -223,7 +239,7 @@ async fn stats_count_requests_by_code_with_istio_labels() {
     for label in [
         "reporter=\"source\"",
         "source_workload_namespace=\"edge\"",
-        "source_canonical_service=\"gw-stats-test\"",
+        &format!("source_canonical_service=\"{workload}\""),
         "destination_service=\"shop.example\"",
         "destination_workload=\"unknown\"",
         "request_protocol=\"http\"",

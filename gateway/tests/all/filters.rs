@@ -68,6 +68,24 @@ async fn headers_pseudo_headers_properties_and_local_replies() {
     assert!(m.contains("guest_http_requests"), "{m}");
 }
 
+/// `portable: true` runs a filter as Envoy would: Weir's foreign functions answer `NOT_FOUND`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portable_plugin_gets_no_weir_foreign_functions() {
+    let up = upstream("up", Behavior::default()).await;
+    let http = guest("http").display().to_string();
+    let plugins = format!(
+        "  - {{ name: portable, module: \"{http}\", portable: true }}\n  - {{ name: native, module: \"{http}\" }}\n"
+    );
+    let routes = "  - { name: p, match: { path: { prefix: /p } }, filters: [portable], backends: [ { cluster: up } ] }\n  - { name: n, filters: [native], backends: [ { cluster: up } ] }\n";
+    let gw = gateway(&cfg(&plugins, routes, up.addr, "")).await;
+    let addr = gw.addr("main").await;
+    let props = |r: Reply| r.json()["headers"]["x-properties"].clone();
+    let r = get(addr, "x", "/p", &[("x-get-properties", "1")]).await;
+    assert_eq!(props(r), "NotFound");
+    let r = get(addr, "x", "/n", &[("x-get-properties", "1")]).await;
+    assert_eq!(props(r), "/n|<none>|native");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_path_rewrite_by_a_filter_routes_again() {
     let up = upstream("up", Behavior::default()).await;

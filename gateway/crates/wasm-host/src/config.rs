@@ -121,11 +121,16 @@ pub struct PluginConfig {
     pub fail: FailPolicy,
     /// Limits.
     pub limits: Limits,
+    /// Run the plugin as Envoy would: `proxy_call_foreign_function` answers `NOT_FOUND` for
+    /// every name (Weir's `weir_get_properties`, `weir_rate_limit` and the `HostEnv`'s), so a
+    /// filter's portable fallback is what runs. For checking, in Weir, that a filter behaves
+    /// the same in Envoy and Istio. Default `false`.
+    pub portable: bool,
 }
 
 impl PluginConfig {
     /// A configuration with the defaults: empty root id, vm_id and configurations,
-    /// `FailPolicy::Closed`, default limits.
+    /// `FailPolicy::Closed`, default limits, not portable.
     pub fn new(name: impl Into<String>, module: impl Into<Arc<[u8]>>) -> Self {
         Self {
             name: name.into(),
@@ -136,6 +141,7 @@ impl PluginConfig {
             configuration: Bytes::new(),
             fail: FailPolicy::Closed,
             limits: Limits::default(),
+            portable: false,
         }
     }
 }

@@ -828,6 +828,7 @@ impl Plugin {
             fail: config.fail,
             limits: config.limits,
             stats: Arc::new(PluginStats::default()),
+            portable: config.portable,
         });
         group.add_root(&root)?;
         Ok(Arc::new(Plugin { group, root }))
@@ -847,6 +848,7 @@ impl Plugin {
             fail: r.fail,
             limits: r.limits.clone(),
             stats: r.stats.clone(),
+            portable: r.portable,
         });
         self.group.add_root(&root)?;
         Ok(Arc::new(Plugin {

@@ -66,6 +66,8 @@ pub(crate) struct RootSpec {
     pub fail: FailPolicy,
     pub limits: Limits,
     pub stats: Arc<PluginStats>,
+    /// [`PluginConfig::portable`](crate::PluginConfig::portable): no foreign functions.
+    pub portable: bool,
 }
 
 /// Per-replica state that outlives VM recreations: the background task's channel and timers.

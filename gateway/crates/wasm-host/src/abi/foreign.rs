@@ -5,10 +5,19 @@
 use wasmtime::{Caller, Linker};
 
 use super::started;
+use crate::ForeignFunction;
 use crate::memory::{self, HostResult, finish};
 use crate::properties;
 use crate::state::HostState;
 use crate::types::Status;
+
+/// Which function a call names.
+enum Target {
+    /// [`GET_PROPERTIES_FUNCTION`](crate::GET_PROPERTIES_FUNCTION), served here.
+    Properties,
+    /// One of the `HostEnv`'s.
+    Env(ForeignFunction),
+}
 
 fn call(
     c: &mut Caller<'_, HostState>,
@@ -20,26 +29,35 @@ fn call(
     rl: i32,
 ) -> HostResult {
     started(c)?;
+    if c.data().root().is_some_and(|r| r.portable) {
+        // As in Envoy, which knows none of Weir's functions.
+        return Err(Status::NotFound.into());
+    }
     memory::check(c, rp, 4)?;
     memory::check(c, rl, 4)?;
-    // The host's own function is recognised in place: its name is not copied out.
-    let own = memory::with_slice(c, np, nl, |name, _| {
-        name == crate::GET_PROPERTIES_FUNCTION.as_bytes()
-    })?;
-    if own {
-        let result = memory::with_slice(c, ap, al, properties::get_many)??;
-        return memory::return_bytes(c, &result, rp, rl);
+    // The name and the arguments are read in place, not copied out of the guest.
+    let target = memory::with_slice(c, np, nl, |name, state| {
+        if name == crate::GET_PROPERTIES_FUNCTION.as_bytes() {
+            return Ok(Target::Properties);
+        }
+        let name = String::from_utf8_lossy(name);
+        state
+            .shared
+            .env
+            .foreign_function(&name)
+            .map(Target::Env)
+            .ok_or(Status::NotFound)
+    })??;
+    match target {
+        Target::Properties => {
+            let result = memory::with_slice(c, ap, al, properties::get_many)??;
+            memory::return_bytes(c, &result, rp, rl)
+        }
+        Target::Env(f) => {
+            let result = memory::with_slice(c, ap, al, |args, _| f(args))??;
+            memory::return_bytes(c, &result, rp, rl)
+        }
     }
-    let name = memory::read_string(c, np, nl)?;
-    let args = memory::read(c, ap, al)?;
-    let f = c
-        .data()
-        .shared
-        .env
-        .foreign_function(&name)
-        .ok_or(Status::NotFound)?;
-    let result = f(&args)?;
-    memory::return_bytes(c, &result, rp, rl)
 }
 
 pub(super) fn add(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {

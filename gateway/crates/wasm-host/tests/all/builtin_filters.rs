@@ -1,6 +1,6 @@
-//! The built-in `ratelimit` and `stats` filters (`filters/*`) on this host, in the settings the
-//! gateway cannot produce: no `weir_rate_limit` function (as in Envoy), or one speaking only the
-//! original argument form.
+//! The built-in `ratelimit` and `stats` filters (`filters/*`) on this host, in settings the
+//! gateway does not produce by default: no `weir_rate_limit` function (as in Envoy), one speaking
+//! only the original argument form, or a `portable` plugin (no Weir foreign function at all).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -220,13 +220,26 @@ async fn ratelimit_rejects_a_bad_configuration() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_export_istio_metrics_with_labels() {
-    let p = filter(
-        "stats",
-        "stats-host",
-        r#"{"source": {"workload": "host-test", "namespace": "edge"}}"#,
-        2,
-        Arc::new(NoopEnv),
-    );
+    stats_export("host-test", false).await;
+}
+
+/// The same through `proxy_get_property` alone: as in Envoy, where `weir_get_properties`
+/// answers `NOT_FOUND` and `PropertyBatch` falls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_export_the_same_without_weir_get_properties() {
+    stats_export("host-portable", true).await;
+}
+
+/// Three requests and a gRPC 403 through `builtin:stats` reporting as `workload`; check the
+/// series it exports.
+async fn stats_export(workload: &str, portable: bool) {
+    let config = format!(r#"{{"source": {{"workload": "{workload}", "namespace": "edge"}}}}"#);
+    let mut cfg = PluginConfig::new(format!("stats-{workload}"), builtin("stats"));
+    cfg.vm_id = format!("stats-{workload}");
+    cfg.configuration = Bytes::from(config);
+    cfg.portable = portable;
+    let p = Plugin::new(&engine(2), cfg, Arc::new(NoopEnv)).expect("plugin");
+    let me = format!("source_workload=\"{workload}\"");
     for _ in 0..3 {
         exchange(&p, request("/", &[])).await;
     }
@@ -252,7 +265,7 @@ async fn stats_export_istio_metrics_with_labels() {
             .collect()
     };
     let ok = series(
-        &["source_workload=\"host-test\"", "response_code=\"200\""],
+        &[me.as_str(), "response_code=\"200\""],
         "istio_requests_total{",
     );
     assert_eq!(ok.len(), 1, "{text}");
@@ -271,7 +284,7 @@ async fn stats_export_istio_metrics_with_labels() {
         assert!(ok[0].contains(label), "{label} in {}", ok[0]);
     }
     let denied = series(
-        &["source_workload=\"host-test\"", "response_code=\"403\""],
+        &[me.as_str(), "response_code=\"403\""],
         "istio_requests_total{",
     );
     assert_eq!(denied.len(), 1, "{text}");
@@ -287,7 +300,7 @@ async fn stats_export_istio_metrics_with_labels() {
     );
     assert!(denied[0].ends_with("} 1"), "{}", denied[0]);
     let count = series(
-        &["source_workload=\"host-test\"", "response_code=\"200\""],
+        &[me.as_str(), "response_code=\"200\""],
         "istio_request_duration_milliseconds_count{",
     );
     assert_eq!(count.len(), 1, "{text}");

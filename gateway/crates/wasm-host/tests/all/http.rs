@@ -1,10 +1,14 @@
 //! Headers, bodies, trailers, local replies, properties, metrics, foreign functions, logs.
 
+use std::sync::Arc;
+
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderValue, StatusCode};
-use weir_wasm_host::{Decision, FailPolicy, MetricValue, ResponseHead, filter_metrics};
+use weir_wasm_host::{
+    Decision, FailPolicy, HostEnv, MetricValue, Plugin, PluginConfig, ResponseHead, filter_metrics,
+};
 
-use crate::support::{TestEnv, body_chunks, engine, exchange, hv, info, plugin, request};
+use crate::support::{TestEnv, body_chunks, engine, exchange, guest, hv, info, plugin, request};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_headers_get_set_add_remove_and_pseudo_headers() {
@@ -393,6 +397,32 @@ async fn non_utf8_values_and_many_headers() {
     );
     assert_eq!(hv(&head.headers, "x-count"), Some("1505"));
     stream.finish();
+}
+
+/// A `portable` plugin gets `NOT_FOUND` from every foreign function, Weir's own and the
+/// `HostEnv`'s, as in Envoy; a plugin without the setting, in the same VM, still gets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portable_plugin_gets_no_foreign_functions() {
+    let env = TestEnv::new();
+    let engine = engine(1);
+    let make = |name: &str, portable: bool| {
+        let mut cfg = PluginConfig::new(name, guest("http"));
+        cfg.vm_id = "http-portable".into();
+        cfg.portable = portable;
+        Plugin::new(&engine, cfg, env.clone() as Arc<dyn HostEnv>).expect("plugin")
+    };
+    let portable = make("portable", true);
+    let native = make("native", false);
+    let headers = [("x-get-properties", "1"), ("x-foreign", "abc")];
+    let x = exchange(&portable, request("/", &headers)).await;
+    assert_eq!(hv(&x.request.headers, "x-properties"), Some("NotFound"));
+    assert_eq!(hv(&x.request.headers, "x-foreign-result"), Some("NotFound"));
+    let x = exchange(&native, request("/", &headers)).await;
+    assert_eq!(
+        hv(&x.request.headers, "x-properties"),
+        Some("/|<none>|native")
+    );
+    assert_eq!(hv(&x.request.headers, "x-foreign-result"), Some("cba"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -192,25 +192,37 @@ impl HttpContext for Http {
             for p in paths {
                 args.extend_from_slice(p);
             }
-            let r = hostcalls::call_foreign_function("weir_get_properties", Some(&args))
-                .unwrap()
-                .unwrap_or_default();
-            let mut at = 16;
-            let values: Vec<String> = (0..3)
-                .map(|i| {
-                    let len = u32::from_le_bytes(r[4 + 4 * i..8 + 4 * i].try_into().unwrap());
-                    if len == u32::MAX {
-                        return "<none>".to_string();
-                    }
-                    let v = String::from_utf8_lossy(&r[at..at + len as usize]).into_owned();
-                    at += len as usize;
-                    v
-                })
-                .collect();
-            self.set_http_request_header("x-properties", Some(&values.join("|")));
-            let bad =
-                hostcalls::call_foreign_function("weir_get_properties", Some(&9u32.to_le_bytes()));
-            self.set_http_request_header("x-properties-bad", Some(&format!("{:?}", bad.err())));
+            match hostcalls::call_foreign_function("weir_get_properties", Some(&args)) {
+                Ok(r) => {
+                    let r = r.unwrap_or_default();
+                    let mut at = 16;
+                    let values: Vec<String> = (0..3)
+                        .map(|i| {
+                            let len =
+                                u32::from_le_bytes(r[4 + 4 * i..8 + 4 * i].try_into().unwrap());
+                            if len == u32::MAX {
+                                return "<none>".to_string();
+                            }
+                            let v = String::from_utf8_lossy(&r[at..at + len as usize]).into_owned();
+                            at += len as usize;
+                            v
+                        })
+                        .collect();
+                    self.set_http_request_header("x-properties", Some(&values.join("|")));
+                    let bad = hostcalls::call_foreign_function(
+                        "weir_get_properties",
+                        Some(&9u32.to_le_bytes()),
+                    );
+                    self.set_http_request_header(
+                        "x-properties-bad",
+                        Some(&format!("{:?}", bad.err())),
+                    );
+                }
+                // A host without the function (Envoy, or a portable plugin).
+                Err(status) => {
+                    self.set_http_request_header("x-properties", Some(&format!("{status:?}")));
+                }
+            }
         }
         if let Some(key) = self.get_http_request_header("x-ratelimit-key") {
             let mut args = 1u32.to_le_bytes().to_vec();
