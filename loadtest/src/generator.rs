@@ -411,6 +411,7 @@ fn report(shared: &Shared, stats: &Stats) -> RunReport {
         body_bytes: stats.body_bytes,
         latency: stats.latencies.summary(),
         latency_curve: stats.latencies.curve(),
+        proxy_cpu_us_per_response: None,
     }
 }
 

@@ -150,6 +150,10 @@ pub struct RunReport {
     pub latency: LatencySummary,
     /// Latency by percentile `(percentile, µs)`, for charts.
     pub latency_curve: Vec<[f64; 2]>,
+    /// CPU time (user and system) the proxy's processes used over the window, per response,
+    /// in µs. Set by `weir-bench`, which knows the proxy; the generator leaves it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_cpu_us_per_response: Option<f64>,
 }
 
 impl RunReport {

@@ -18,6 +18,14 @@ fn smoke_scenario_runs_and_writes_results() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("smoke.json")).unwrap()).unwrap();
     assert_eq!(json["sections"].as_array().map(Vec::len), Some(2));
+    // The proxy's CPU per response is measured; the upstream alone has no proxy.
+    for row in json["sections"][0]["rows"].as_array().unwrap() {
+        let cpu = &row["cpu_us_per_response"];
+        match row["contender"].as_str().unwrap() {
+            "upstream (no proxy)" => assert!(cpu.is_null(), "{row}"),
+            _ => assert!(cpu.as_f64().is_some_and(|us| us > 0.0), "{row}"),
+        }
+    }
     assert!(
         std::fs::read_to_string(out.join("smoke-1.svg"))
             .unwrap()

@@ -168,6 +168,11 @@ impl Proc {
         group_rss_kib(self.pid())
     }
 
+    /// CPU time its group has used so far (the master and workers, all threads).
+    pub fn cpu_time(&self) -> Duration {
+        group_cpu_time(self.pid())
+    }
+
     /// Waits for it to exit by itself, polling, for at most `limit`.
     pub async fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + limit;
@@ -247,6 +252,40 @@ pub fn parse_stat_state(stat: &str) -> Option<char> {
     stat_fields(stat)?.next()?.chars().next()
 }
 
+/// User plus system CPU time (the 14th and 15th fields), in clock ticks, of a `/proc/PID/stat`
+/// line: every thread of the process.
+pub fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let mut fields = stat_fields(stat)?.skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(user + system)
+}
+
+/// Clock ticks per second of `/proc` times (`getconf CLK_TCK`; 100 if that fails).
+fn clock_ticks_per_second() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+            .filter(|t| *t > 0)
+            .unwrap_or(100)
+    })
+}
+
+/// CPU time used so far by the processes of group `pgid` (all their threads), from `/proc`.
+pub fn group_cpu_time(pgid: u32) -> Duration {
+    let ticks: u64 = group_pids(pgid)
+        .into_iter()
+        .filter_map(|pid| {
+            parse_stat_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+        })
+        .sum();
+    Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second() as f64)
+}
+
 /// `VmRSS` of a `/proc/PID/status` text, in KiB.
 pub fn parse_status_rss_kib(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -290,6 +329,10 @@ mod tests {
         assert_eq!(parse_stat_pgrp(stat), Some(1234));
         assert_eq!(parse_stat_state(stat), Some('S'));
         assert_eq!(parse_stat_pgrp("garbage"), None);
+        // utime 250 and stime 40 are the 14th and 15th fields.
+        let stat = "77 (weir) S 1 77 77 0 -1 4194560 900 0 0 0 250 40 0 0 20 0 3 0 5";
+        assert_eq!(parse_stat_cpu_ticks(stat), Some(290));
+        assert_eq!(parse_stat_cpu_ticks("77 (weir) S 1 77"), None);
         let status = "Name:\tnginx\nVmPeak:\t  100 kB\nVmRSS:\t    5120 kB\nThreads: 1\n";
         assert_eq!(parse_status_rss_kib(status), Some(5120));
         assert_eq!(parse_status_rss_kib("Name: x\n"), None);
@@ -331,8 +374,33 @@ mod tests {
         }
         assert!(group_pids(pgid).len() >= 2);
         assert!(p.rss_kib() > 0);
+        assert!(
+            p.cpu_time() < Duration::from_secs(1),
+            "sleeping costs no CPU"
+        );
         drop(p);
         assert!(group_pids(pgid).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_busy_group_shows_its_cpu_time() {
+        let p = Spawn::new(
+            "cpu-test",
+            "/bin/sh",
+            &["-c", "while :; do :; done"],
+            &std::env::temp_dir(),
+        )
+        .start()
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while p.cpu_time() < Duration::from_millis(300) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            p.cpu_time() >= Duration::from_millis(300),
+            "{:?}",
+            p.cpu_time()
+        );
     }
 
     #[test]

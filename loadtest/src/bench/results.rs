@@ -32,6 +32,9 @@ pub struct Row {
     pub errors: u64,
     /// Non-2xx responses over all rounds.
     pub non_2xx: u64,
+    /// Median over the rounds of the proxy's CPU time per response, µs (user and system, all
+    /// its processes and threads). `None` for the upstream alone.
+    pub cpu_us_per_response: Option<f64>,
     /// Resident memory, KiB, where the section measures it.
     pub rss_kib: Option<u64>,
     /// Free-form remark (reloads done, split observed, ...).
@@ -89,6 +92,12 @@ impl Section {
                     max_us: mine.iter().map(|r| r.latency.max_us).fold(0.0, f64::max),
                     errors: mine.iter().map(|r| r.errors).sum(),
                     non_2xx: mine.iter().map(|r| r.non_2xx).sum(),
+                    cpu_us_per_response: median(
+                        &mine
+                            .iter()
+                            .filter_map(|r| r.proxy_cpu_us_per_response)
+                            .collect::<Vec<_>>(),
+                    ),
                     rss_kib: None,
                     note: String::new(),
                     curve: median_run
@@ -160,15 +169,15 @@ impl Section {
             }
             return out;
         }
-        out.push_str("| contender | req/s (median) | rounds | p50 | p90 | p99 | p99.9 | max | errors | non-2xx | Weir ÷ this req/s | Weir ÷ this p99 |");
+        out.push_str("| contender | req/s (median) | rounds | p50 | p90 | p99 | p99.9 | max | errors | non-2xx | proxy CPU per response | Weir ÷ this req/s | Weir ÷ this p99 |");
         out.push_str(if notes { " note |\n" } else { "\n" });
-        out.push_str("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        out.push_str("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         out.push_str(if notes { "---|\n" } else { "\n" });
         for r in &self.rows {
             let rounds: Vec<String> = r.runs_rps.iter().map(|x| fmt_rate(*x)).collect();
             let _ = write!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.contender,
                 fmt_rate(r.rps),
                 rounds.join(" / "),
@@ -179,6 +188,8 @@ impl Section {
                 fmt_us(r.max_us),
                 r.errors,
                 r.non_2xx,
+                r.cpu_us_per_response
+                    .map_or("-".into(), |us| format!("{us:.1}µs")),
                 weir.map_or("-".into(), |w| ratio(w.rps, r.rps)),
                 weir.map_or("-".into(), |w| ratio(w.p99_us, r.p99_us)),
             );
@@ -343,11 +354,35 @@ mod tests {
         let md = s.markdown();
         assert!(md.contains("| nginx | 90 | 100 / 90 / 80 |"), "{md}");
         assert!(
+            md.contains("| 3 | 0 | - | 1.33x |"),
+            "no CPU figure measured: {md}"
+        );
+        assert!(
             md.contains("| 1.33x | 0.80x |"),
             "Weir 120 vs nginx 90, p99 200 vs 250: {md}"
         );
         assert!(md.contains("| weir | 120 |") && md.contains("| 1.00x | 1.00x |"));
         assert!(s.chart().contains("<polyline"));
+    }
+
+    #[test]
+    fn proxy_cpu_is_the_median_of_the_rounds_that_measured_it() {
+        let with_cpu = |rps: f64, cpu: Option<f64>| RunReport {
+            proxy_cpu_us_per_response: cpu,
+            ..run("weir", rps, 1.0)
+        };
+        let s = Section::from_runs(
+            "x",
+            "y",
+            vec![
+                with_cpu(1.0, Some(30.0)),
+                with_cpu(2.0, None),
+                with_cpu(3.0, Some(20.0)),
+                with_cpu(4.0, Some(26.0)),
+            ],
+        );
+        assert_eq!(s.rows[0].cpu_us_per_response, Some(26.0));
+        assert!(s.markdown().contains("| 26.0µs |"), "{}", s.markdown());
     }
 
     #[test]

@@ -425,12 +425,16 @@ impl Env {
         running
     }
 
-    /// Runs the generator once against `addr`, as a child process (pinned as asked).
+    /// Runs the generator once against `addr`, as a child process (pinned as asked). With the
+    /// `proxy`'s process, its CPU time over the measured window is taken too (from `/proc`, at
+    /// the window's ends as timed from the generator's start: a few milliseconds early, both
+    /// under full load).
     async fn run_load(
         &self,
         plan: &Plan,
         addr: SocketAddr,
         label: &str,
+        proxy: Option<&Proc>,
     ) -> Result<RunReport, String> {
         let json = self.work.join(format!("load-{}.json", std::process::id()));
         let _ = std::fs::remove_file(&json);
@@ -484,6 +488,13 @@ impl Env {
         spawn.nice = self.opts.nice;
         spawn.inherit_stderr = true;
         let mut proc = spawn.start()?;
+        let mut cpu = None;
+        if let Some(proxy) = proxy {
+            tokio::time::sleep(plan.warmup).await;
+            let start = proxy.cpu_time();
+            tokio::time::sleep(plan.duration).await;
+            cpu = Some(proxy.cpu_time().saturating_sub(start));
+        }
         let limit = plan.warmup + plan.duration + Duration::from_secs(60);
         match proc.wait(limit).await {
             Some(s) if s.success() => {}
@@ -492,7 +503,15 @@ impl Env {
         }
         let text = std::fs::read_to_string(&json)
             .map_err(|e| format!("reading {}: {e}", json.display()))?;
-        serde_json::from_str(&text).map_err(|e| format!("parsing {}: {e}", json.display()))
+        let mut report: RunReport =
+            serde_json::from_str(&text).map_err(|e| format!("parsing {}: {e}", json.display()))?;
+        let responses = report.ok + report.non_2xx;
+        if let Some(cpu) = cpu
+            && responses > 0
+        {
+            report.proxy_cpu_us_per_response = Some(cpu.as_secs_f64() * 1e6 / responses as f64);
+        }
+        Ok(report)
     }
 
     /// Runs `plan` against every contender, in turn, for the configured rounds.
@@ -506,7 +525,10 @@ impl Env {
         for round in 1..=self.opts.rounds {
             for c in contenders {
                 eprintln!("[{title}] round {round}/{}: {}", self.opts.rounds, c.label);
-                runs.push(self.run_load(plan, c.addr, &c.label).await?);
+                runs.push(
+                    self.run_load(plan, c.addr, &c.label, c.proc.as_ref())
+                        .await?,
+                );
             }
         }
         Ok(Section::from_runs(title, &plan.describe(), runs))
@@ -764,7 +786,10 @@ pub async fn canary(env: &mut Env) -> Result<ScenarioResult, String> {
         for c in &contenders {
             eprintln!("[{title}] round {round}/{}: {}", env.opts.rounds, c.label);
             let before = upstream_counts(&addrs).await;
-            runs.push(env.run_load(&plan, c.addr, &c.label).await?);
+            runs.push(
+                env.run_load(&plan, c.addr, &c.label, c.proc.as_ref())
+                    .await?,
+            );
             let after = upstream_counts(&addrs).await;
             let e = split.entry(c.label.clone()).or_default();
             e.0 += after[0] - before[0];
@@ -941,7 +966,7 @@ pub async fn reload(env: &mut Env) -> Result<ScenarioResult, String> {
                 (ok, failed, last)
             };
             let (report, (ok, failed, last)) =
-                tokio::join!(env.run_load(&plan, addr, &label), reloads);
+                tokio::join!(env.run_load(&plan, addr, &label, None), reloads);
             runs.push(report?);
             let e = counts.entry(label).or_default();
             e.0 += ok;
