@@ -84,8 +84,9 @@ pub(crate) fn get_many(args: &[u8], state: &HostState) -> Result<Vec<u8>, Status
     if at > args.len() {
         return Err(Status::BadArgument);
     }
-    // The lengths are filled in as the values are appended after them.
-    let mut out = Vec::with_capacity(4 + 4 * n + 16 * n);
+    // The lengths are filled in as the values are appended after them. Room for short values
+    // (the usual properties), not for whatever a guest's count might promise.
+    let mut out = Vec::with_capacity(4 + 4 * n + 16 * n.min(64));
     out.extend_from_slice(&(n as u32).to_le_bytes());
     out.resize(4 + 4 * n, 0);
     for i in 0..n {
