@@ -92,7 +92,8 @@ pub struct BenchOpts {
     /// Where results go.
     #[arg(long, global = true, default_value = "bench-results")]
     pub out: PathBuf,
-    /// Workers (processes or threads) of every proxy; default: the number of cores.
+    /// Workers (processes or threads) of every proxy; default: the number of CPUs in
+    /// `--cpus-proxy`, else the number of cores.
     #[arg(long, global = true)]
     pub workers: Option<usize>,
     /// Access logs on, to a file, for every proxy alike (default off for all).

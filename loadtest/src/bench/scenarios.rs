@@ -189,8 +189,16 @@ impl Env {
         self.opts.contenders.is_empty() || self.opts.contenders.contains(&kind)
     }
 
+    /// Workers of every proxy: `--workers`, else one per CPU the proxies are pinned to (two
+    /// workers on one pinned CPU would only take turns), else one per core.
     fn workers(&self) -> usize {
-        self.opts.workers.unwrap_or(self.nproc)
+        self.opts.workers.unwrap_or_else(|| {
+            self.opts
+                .cpus_proxy
+                .as_deref()
+                .and_then(cpu_list_len)
+                .unwrap_or(self.nproc)
+        })
     }
 
     fn skip(&mut self, what: String) {
@@ -553,6 +561,25 @@ impl Env {
         );
         Ok(result)
     }
+}
+
+/// How many CPUs a `taskset -c` list names (`0`, `0-3`, `0,2,4-5`); `None` if it does not parse.
+fn cpu_list_len(list: &str) -> Option<usize> {
+    let mut n = 0;
+    for part in list.split(',') {
+        let part = part.trim();
+        n += match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (a.parse::<usize>().ok()?, b.parse::<usize>().ok()?);
+                b.checked_sub(a)? + 1
+            }
+            None => {
+                part.parse::<usize>().ok()?;
+                1
+            }
+        };
+    }
+    (n > 0).then_some(n)
 }
 
 fn ceiling(addr: SocketAddr) -> Running {
@@ -1113,4 +1140,19 @@ pub async fn smoke(env: &mut Env) -> Result<ScenarioResult, String> {
         }
     }
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_list_len;
+
+    #[test]
+    fn cpu_lists_are_counted() {
+        assert_eq!(cpu_list_len("1"), Some(1));
+        assert_eq!(cpu_list_len("0-3"), Some(4));
+        assert_eq!(cpu_list_len("0,2,4-5"), Some(4));
+        assert_eq!(cpu_list_len("3-1"), None);
+        assert_eq!(cpu_list_len("x"), None);
+        assert_eq!(cpu_list_len(""), None);
+    }
 }
