@@ -19,6 +19,7 @@ pub mod snapshot;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -46,6 +47,8 @@ pub struct Shared {
     last_source: std::sync::Mutex<String>,
     /// The wasm engine, created when a config first declares plugins.
     engine: std::sync::OnceLock<weir_wasm_host::Engine>,
+    /// The worker threads that serve the listeners' connections.
+    pub workers: workers::Workers,
     /// The admin listener's bound address.
     admin_bound: std::sync::Mutex<Option<SocketAddr>>,
     /// Serializes reloads and owns the running listeners and demo backends.
@@ -67,14 +70,27 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Load `config_path`, bind everything it declares and start serving.
+    /// Load `config_path`, bind everything it declares and start serving on one worker thread
+    /// per CPU ([`workers::default_count`]).
     pub async fn start(config_path: impl AsRef<Path>) -> Result<Gateway, StartError> {
+        Gateway::start_with_workers(config_path, workers::default_count()).await
+    }
+
+    /// As [`Gateway::start`], with `workers` worker threads (at least one). Must run inside a
+    /// tokio runtime, which keeps the control tasks: admin, reloads, health checks, DNS.
+    pub async fn start_with_workers(
+        config_path: impl AsRef<Path>,
+        workers: usize,
+    ) -> Result<Gateway, StartError> {
         let config_path = config_path.as_ref().to_path_buf();
         let source = config::read_file(&config_path)?;
         let checked = config::check_source(&config_path, &source)?;
         let registry = Arc::new(Registry::default());
+        registry.set_workers(workers.max(1));
         let (shutdown, _) = watch::channel(false);
+        let workers = workers::Workers::start(workers).map_err(ReloadError::Workers)?;
         let shared = Arc::new(Shared {
+            workers,
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             registry: registry.clone(),
             shutdown,
@@ -178,6 +194,9 @@ pub enum ReloadError {
     /// The admin listener could not be bound.
     #[error("cannot listen on {0} for the admin listener: {1}")]
     Admin(SocketAddr, std::io::Error),
+    /// The worker threads could not be started.
+    #[error("cannot start the worker threads: {0}")]
+    Workers(std::io::Error),
 }
 
 impl Shared {
@@ -188,6 +207,7 @@ impl Shared {
         }
         let config = weir_wasm_host::EngineConfig {
             cache_dir: Some(cache_dir.join("wasm")),
+            replicas: self.workers.count(),
             ..Default::default()
         };
         let engine = weir_wasm_host::Engine::new(config).map_err(|e| {
@@ -263,6 +283,7 @@ impl Shared {
             version,
             engine,
             &Arc::downgrade(self),
+            self.workers.count(),
         )?;
         control.demos.apply(&snapshot.demo_backends, self).await;
         let specs = snapshot.listeners.clone();

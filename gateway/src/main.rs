@@ -25,6 +25,10 @@ enum Command {
     Run {
         /// The YAML config file.
         config: PathBuf,
+        /// Worker threads serving connections (Envoy's `--concurrency`). Each serves the
+        /// connections it accepts from start to end. Default: one per CPU this process may use.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        workers: Option<u16>,
     },
     /// Check CONFIG; exit 0 if valid, else 1 with one `FILE:LINE:COL: message` line per error.
     Validate {
@@ -96,7 +100,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config } => {
+        Command::Run { config, workers } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
@@ -104,12 +108,15 @@ fn main() -> ExitCode {
                 )
                 .with_writer(std::io::stderr)
                 .init();
-            let runtime = tokio::runtime::Builder::new_multi_thread()
+            // This thread runs the control tasks (admin, reloads, health checks); the workers
+            // that serve traffic get runtimes of their own.
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
+            let workers = workers.map_or_else(weir::workers::default_count, usize::from);
             runtime.block_on(async move {
-                match weir::Gateway::start(&config).await {
+                match weir::Gateway::start_with_workers(&config, workers).await {
                     Ok(gateway) => {
                         gateway.run_until_signal().await;
                         ExitCode::SUCCESS

@@ -1171,7 +1171,8 @@ impl Checked {
     }
 
     /// Start clusters (reusing those of `previous` whose config is unchanged), build the route
-    /// tables and the access log. Must run inside the tokio runtime.
+    /// tables and the access log. Must run inside the tokio runtime. Clusters keep a connection
+    /// pool per worker (`workers` of them).
     pub fn instantiate(
         self,
         previous: &Snapshot,
@@ -1179,6 +1180,7 @@ impl Checked {
         version: u64,
         engine: Option<&weir_wasm_host::Engine>,
         shared: &std::sync::Weak<crate::Shared>,
+        workers: usize,
     ) -> Result<Snapshot, ConfigErrors> {
         let plugins =
             instantiate_plugins(self.plugins, &previous.plugins, engine, shared, &self.file)?;
@@ -1194,7 +1196,7 @@ impl Checked {
                 Some(old) if old.fingerprint == fingerprint => old.clone(),
                 _ => {
                     let stats = registry.cluster(&spec.name);
-                    Cluster::start(spec, stats, fingerprint)
+                    Cluster::start(spec, stats, fingerprint, workers)
                 }
             };
             clusters.insert(cluster.name.to_string(), cluster);

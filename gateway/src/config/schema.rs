@@ -465,7 +465,7 @@ pub struct Cluster {
     pub connect_timeout: Option<Duration>,
     /// Close pooled connections idle for this long. Default: `60s`.
     pub idle_timeout: Option<Duration>,
-    /// Maximum idle pooled connections per endpoint. Default: `64`.
+    /// Maximum idle pooled connections per endpoint in each worker's pool. Default: `64`.
     pub max_idle_per_endpoint: Option<usize>,
     /// TLS to upstream. Default: plain TCP.
     pub tls: Option<UpstreamTls>,

@@ -173,7 +173,7 @@ impl HostEnv for GatewayEnv {
                         .boxed(),
                     _ => crate::body::full(body),
                 };
-                let resp = match &cluster.h2 {
+                let resp = match cluster.h2() {
                     Some(pool) => send_h2(&cluster, pool, &ep, parts, body).await?,
                     None => {
                         let path = path_of(&parts.uri);
@@ -183,7 +183,7 @@ impl HostEnv for GatewayEnv {
                         parts.version = http::Version::HTTP_11;
                         let req = http::Request::from_parts(parts, body);
                         cluster
-                            .client
+                            .client()
                             .request(req)
                             .await
                             .map_err(|e| CallError::Reset(e.to_string()))?
@@ -215,14 +215,14 @@ impl HostEnv for GatewayEnv {
         request: http::Request<GrpcRequestBody>,
     ) -> Result<GrpcStreamFuture, CallError> {
         let cluster = self.cluster(cluster)?;
-        if cluster.h2.is_none() {
+        if cluster.h2().is_none() {
             return Err(CallError::Unsupported(format!(
                 "cluster {} does not speak HTTP/2 (set protocol: http2 for gRPC streams)",
                 cluster.name
             )));
         }
         Ok(Box::pin(async move {
-            let Some(pool) = &cluster.h2 else {
+            let Some(pool) = cluster.h2() else {
                 return Err(CallError::Unsupported("no HTTP/2".into()));
             };
             let ep = pick(&cluster, request.headers())?;

@@ -2,6 +2,9 @@
 //! HTTP/2 (ALPN) and h2c with the listener's limits, or hand the connection to the TCP proxy
 //! (`protocol: tcp`, `proxy/tcp.rs`). Listeners are added, removed and changed on reload
 //! without touching connections already open (each keeps the config it was accepted with).
+//!
+//! Every worker thread (`workers.rs`) accepts on every listener's socket and serves the
+//! connections it accepts itself, so a connection never changes threads.
 
 pub mod h1_guard;
 pub mod proxy_protocol;
@@ -65,7 +68,7 @@ impl Listeners {
     pub fn prepare(
         &self,
         specs: &[ListenerSpec],
-    ) -> Result<Vec<(ListenerSpec, TcpListener)>, BindError> {
+    ) -> Result<Vec<(ListenerSpec, std::net::TcpListener)>, BindError> {
         let mut bound = Vec::new();
         for spec in specs {
             let keep = self
@@ -77,22 +80,27 @@ impl Listeners {
             }
             // Changing a listener's port to one that another of ours holds: let the old one go first
             // is not possible atomically; report it.
-            let listener = bind(spec.address).map_err(|source| BindError {
-                name: spec.name.to_string(),
-                address: spec.address,
-                source,
-            })?;
+            // The workers' runtimes register the socket themselves: hand it over unregistered.
+            let listener =
+                bind(spec.address)
+                    .and_then(TcpListener::into_std)
+                    .map_err(|source| BindError {
+                        name: spec.name.to_string(),
+                        address: spec.address,
+                        source,
+                    })?;
             bound.push((spec.clone(), listener));
         }
         Ok(bound)
     }
 
-    /// Start newly bound listeners and stop those no longer configured.
+    /// Start newly bound listeners (an accept loop on every worker) and stop those no longer
+    /// configured.
     pub fn apply(
         &mut self,
         shared: &Arc<Shared>,
         specs: &[ListenerSpec],
-        bound: Vec<(ListenerSpec, TcpListener)>,
+        bound: Vec<(ListenerSpec, std::net::TcpListener)>,
     ) {
         self.running.retain(|name, r| {
             let keep = specs
@@ -108,12 +116,23 @@ impl Listeners {
             let bound_addr = listener.local_addr().unwrap_or(spec.address);
             let (stop, stopped) = watch::channel(false);
             tracing::info!(listener = %spec.name, address = %bound_addr, tls = spec.tls.is_some(), "listening");
-            tokio::spawn(accept_loop(
-                shared.clone(),
-                spec.name.clone(),
-                listener,
-                stopped,
-            ));
+            let active = Arc::new(AtomicUsize::new(0));
+            for (worker, handle) in shared.workers.handles().iter().enumerate() {
+                let socket = match listener.try_clone() {
+                    Ok(socket) => socket,
+                    Err(e) => {
+                        tracing::error!(listener = %spec.name, worker, error = %e, "cannot share the listening socket with a worker");
+                        continue;
+                    }
+                };
+                handle.spawn(accept_loop(
+                    Arc::downgrade(shared),
+                    spec.name.clone(),
+                    socket,
+                    active.clone(),
+                    stopped.clone(),
+                ));
+            }
             self.running.insert(
                 spec.name.clone(),
                 Running {
@@ -139,13 +158,22 @@ impl Listeners {
     }
 }
 
+/// Accept connections on one worker and serve them there. Holds the gateway weakly, so a
+/// gateway that is dropped stops its workers.
 async fn accept_loop(
-    shared: Arc<Shared>,
+    shared: std::sync::Weak<Shared>,
     name: Arc<str>,
-    listener: TcpListener,
+    socket: std::net::TcpListener,
+    active: Arc<AtomicUsize>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let active = Arc::new(AtomicUsize::new(0));
+    let listener = match TcpListener::from_std(socket) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(listener = %name, error = %e, "cannot accept on this worker");
+            return;
+        }
+    };
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -160,6 +188,9 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
         let snapshot = shared.snapshot.load();
         let Some(spec) = snapshot.listener(&name).cloned() else {
             continue;
@@ -172,9 +203,7 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
-        g.downstream_connections.fetch_add(1, Ordering::Relaxed);
         let guard = ConnCount::new(active.clone(), shared.clone());
-        let shared = shared.clone();
         let listener_stopped = stop.clone();
         tokio::spawn(async move {
             let _guard = guard;
@@ -186,28 +215,49 @@ async fn accept_loop(
     }
 }
 
-struct ConnCount(Arc<AtomicUsize>, Arc<Shared>);
+/// Counts an open connection in its listener, the gateway and its worker while it lives.
+struct ConnCount {
+    listener: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
+    worker: Option<usize>,
+}
 
 impl ConnCount {
-    fn new(active: Arc<AtomicUsize>, shared: Arc<Shared>) -> ConnCount {
-        active.fetch_add(1, Ordering::Relaxed);
-        shared
-            .registry
+    fn new(listener: Arc<AtomicUsize>, shared: Arc<Shared>) -> ConnCount {
+        listener.fetch_add(1, Ordering::Relaxed);
+        let registry = &shared.registry;
+        registry
+            .global
+            .downstream_connections
+            .fetch_add(1, Ordering::Relaxed);
+        registry
             .global
             .downstream_connections_active
             .fetch_add(1, Ordering::Relaxed);
-        ConnCount(active, shared)
+        let worker = crate::workers::current();
+        if let Some(w) = worker.and_then(|i| registry.worker(i)) {
+            w.connections.fetch_add(1, Ordering::Relaxed);
+            w.connections_active.fetch_add(1, Ordering::Relaxed);
+        }
+        ConnCount {
+            listener,
+            shared,
+            worker,
+        }
     }
 }
 
 impl Drop for ConnCount {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-        self.1
-            .registry
+        self.listener.fetch_sub(1, Ordering::Relaxed);
+        let registry = &self.shared.registry;
+        registry
             .global
             .downstream_connections_active
             .fetch_sub(1, Ordering::Relaxed);
+        if let Some(w) = self.worker.and_then(|i| registry.worker(i)) {
+            w.connections_active.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -176,7 +176,7 @@ pub async fn forward(
             (None, None) => empty(),
         };
         let mut builder = Request::builder().method(parts.method.clone());
-        let h2 = cluster.h2.is_some();
+        let h2 = cluster.h2().is_some();
         let mut uri = http::uri::Parts::default();
         if h2 {
             uri.scheme = Some(if spec.tls.is_some() {
@@ -341,7 +341,7 @@ async fn send_once(
         (None, None) => None,
     };
     let fut = async {
-        match &cluster.h2 {
+        match cluster.h2() {
             Some(pool) => {
                 let mut sender = pool.sender(ep.addr).await.map_err(|e| match e {
                     crate::upstream::h2pool::H2Error::Connect(c) => connect_error(c),
@@ -353,7 +353,7 @@ async fn send_once(
                 sender.send_request(req).await.map_err(|e| hyper_error(&e))
             }
             None => cluster
-                .client
+                .client()
                 .request(req)
                 .await
                 .map_err(|e| legacy_error(&e)),

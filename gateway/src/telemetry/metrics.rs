@@ -160,8 +160,20 @@ pub struct Registry {
     routes: Mutex<BTreeMap<String, Arc<RouteStats>>>,
     clusters: Mutex<BTreeMap<String, Arc<ClusterStats>>>,
     tcp: Mutex<BTreeMap<String, Arc<TcpStats>>>,
+    workers: std::sync::OnceLock<Box<[WorkerStats]>>,
     /// Global counters.
     pub global: GlobalStats,
+}
+
+/// Connections of one worker thread, to see how evenly the workers share the load (Envoy's
+/// `listener.*.worker_N.downstream_cx_*`).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct WorkerStats {
+    /// Downstream connections this worker accepted.
+    pub connections: AtomicU64,
+    /// Downstream connections open on this worker now.
+    pub connections_active: AtomicU64,
 }
 
 impl Registry {
@@ -183,6 +195,17 @@ impl Registry {
             .entry(name.to_string())
             .or_default()
             .clone()
+    }
+
+    /// Set the number of workers (once; later calls change nothing).
+    pub fn set_workers(&self, count: usize) {
+        self.workers
+            .get_or_init(|| (0..count).map(|_| WorkerStats::default()).collect());
+    }
+
+    /// Stats of worker `index`.
+    pub fn worker(&self, index: usize) -> Option<&WorkerStats> {
+        self.workers.get().and_then(|w| w.get(index))
     }
 
     /// Stats of a `tcp` listener (created on first use).
@@ -267,6 +290,27 @@ impl Registry {
             "# HELP weir_downstream_connections_active Open downstream connections.\n# TYPE weir_downstream_connections_active gauge\nweir_downstream_connections_active {}",
             g.downstream_connections_active.load(Ordering::Relaxed)
         );
+        if let Some(workers) = self.workers.get() {
+            type WorkerField = fn(&WorkerStats) -> &AtomicU64;
+            let figures: [(&str, &str, &str, WorkerField); 2] = [
+                (
+                    "weir_worker_downstream_connections_total",
+                    "counter",
+                    "Downstream connections accepted, by worker thread.",
+                    |w| &w.connections,
+                ),
+                (
+                    "weir_worker_downstream_connections_active",
+                    "gauge",
+                    "Open downstream connections, by worker thread.",
+                    |w| &w.connections_active,
+                ),
+            ];
+            for (metric, kind, help, field) in figures {
+                let by_worker = workers.iter().enumerate().map(|(i, w)| (i.to_string(), w));
+                render_family(out, (metric, kind, help), "worker", by_worker, field);
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP weir_config_version Version of the config in force.\n# TYPE weir_config_version gauge\nweir_config_version {}",
@@ -352,7 +396,8 @@ impl Registry {
             ),
         ];
         for (metric, help, field) in cluster_counters {
-            render_family(out, (metric, "counter", help), "cluster", &clusters, field);
+            let by_name = clusters.iter().map(|(n, s)| (n, &**s));
+            render_family(out, (metric, "counter", help), "cluster", by_name, field);
         }
         let _ = writeln!(
             out,
@@ -401,18 +446,19 @@ impl Registry {
             ),
         ];
         for (metric, kind, help, field) in tcp_figures {
-            render_family(out, (metric, kind, help), "listener", &tcp, field);
+            let by_name = tcp.iter().map(|(n, s)| (n, &**s));
+            render_family(out, (metric, kind, help), "listener", by_name, field);
         }
     }
 }
 
 /// One family of per-name figures: `# HELP`, `# TYPE` (`kind`), then `metric{label="NAME"}
 /// value` for each of `stats`.
-fn render_family<T>(
+fn render_family<'a, T: 'a, K: AsRef<str>>(
     out: &mut String,
     (metric, kind, help): (&str, &str, &str),
     label: &str,
-    stats: &BTreeMap<String, Arc<T>>,
+    stats: impl IntoIterator<Item = (K, &'a T)>,
     field: fn(&T) -> &AtomicU64,
 ) {
     let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
@@ -420,7 +466,7 @@ fn render_family<T>(
         let _ = writeln!(
             out,
             "{metric}{{{label}=\"{}\"}} {}",
-            escape(name),
+            escape(name.as_ref()),
             field(s).load(Ordering::Relaxed)
         );
     }

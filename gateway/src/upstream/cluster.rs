@@ -17,6 +17,7 @@ use super::h2pool::H2Pool;
 use super::lb::{Balancer, HashOn, Policy, Ring, hash_bytes};
 use crate::body::ProxyBody;
 use crate::telemetry::metrics::ClusterStats;
+use crate::workers::PerWorker;
 
 /// A configured endpoint address: an IP or a DNS name to resolve.
 #[derive(Debug, Clone)]
@@ -125,10 +126,11 @@ pub struct Cluster {
     spec: ClusterSpec,
     endpoints: ArcSwap<EndpointSet>,
     balancer: Balancer,
-    /// The HTTP/1.1 connection pool.
-    pub client: Client<UpstreamConnector, ProxyBody>,
-    /// HTTP/2 connections, when the cluster's protocol is `http2`.
-    pub h2: Option<H2Pool>,
+    /// The HTTP/1.1 connection pools, one per worker (as Envoy's), so a worker only reuses
+    /// connections whose tasks run on its own thread.
+    clients: PerWorker<Client<UpstreamConnector, ProxyBody>>,
+    /// HTTP/2 connections per worker, when the cluster's protocol is `http2`.
+    h2: Option<PerWorker<H2Pool>>,
     /// Connection counts.
     pub connections: Arc<ConnectionCounts>,
     /// Requests in flight.
@@ -160,9 +162,14 @@ pub struct PickContext<'a> {
 }
 
 impl Cluster {
-    /// Build a cluster and start its background tasks (DNS, health checks), which stop when the
-    /// cluster is dropped.
-    pub fn start(spec: ClusterSpec, stats: Arc<ClusterStats>, fingerprint: String) -> Arc<Cluster> {
+    /// Build a cluster with connection pools for `workers` workers and start its background
+    /// tasks (DNS, health checks), which stop when the cluster is dropped.
+    pub fn start(
+        spec: ClusterSpec,
+        stats: Arc<ClusterStats>,
+        fingerprint: String,
+        workers: usize,
+    ) -> Arc<Cluster> {
         let connections = Arc::new(ConnectionCounts::default());
         let connector = UpstreamConnector {
             connect_timeout: spec.connect_timeout,
@@ -178,8 +185,10 @@ impl Cluster {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .set_host(false);
-        let h2 = spec.http2.then(|| H2Pool::new(connector.clone()));
-        let client = builder.build(connector);
+        let h2 = spec
+            .http2
+            .then(|| PerWorker::new(workers, || H2Pool::new(connector.clone())));
+        let clients = PerWorker::new(workers, || builder.build(connector.clone()));
         let static_addrs: Option<Vec<Vec<SocketAddr>>> = spec
             .endpoints
             .iter()
@@ -194,7 +203,7 @@ impl Cluster {
             name: spec.name.as_str().into(),
             balancer: Balancer::new(spec.policy.clone()),
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
-            client,
+            clients,
             h2,
             connections,
             active_requests: AtomicUsize::new(0),
@@ -227,6 +236,16 @@ impl Cluster {
             max_pending: self.spec.max_pending_requests,
             counts: self.connections.clone(),
         }
+    }
+
+    /// This thread's HTTP/1.1 connection pool.
+    pub fn client(&self) -> &Client<UpstreamConnector, ProxyBody> {
+        self.clients.get()
+    }
+
+    /// This thread's HTTP/2 connections, when the cluster's protocol is `http2`.
+    pub fn h2(&self) -> Option<&H2Pool> {
+        self.h2.as_ref().map(PerWorker::get)
     }
 
     /// The configuration it was built from.
@@ -438,7 +457,7 @@ async fn check_once(cluster: &Cluster, ep: &Endpoint, hc: &HealthCheckSpec) -> b
                 .body(crate::body::empty())
                 .ok()
         };
-        let resp = match &cluster.h2 {
+        let resp = match cluster.h2() {
             Some(pool) => {
                 let scheme = if cluster.spec.tls.is_some() {
                     "https"
@@ -464,7 +483,7 @@ async fn check_once(cluster: &Cluster, ep: &Endpoint, hc: &HealthCheckSpec) -> b
                 )?;
                 let host = http::HeaderValue::from_str(&cluster.name).ok()?;
                 req.headers_mut().insert(http::header::HOST, host);
-                cluster.client.request(req).await.ok()?
+                cluster.client().request(req).await.ok()?
             }
         };
         Some(resp.status().is_success())

@@ -228,21 +228,11 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
             ..Default::default()
         },
     ));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("weir.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "admin: {{ address: \"\" }}\nserver: {{ watch: false }}\nlisteners:\n  - {{ name: main, address: \"127.0.0.1:{port}\" }}\nroutes:\n  - {{ name: r, backends: [ {{ cluster: c }} ] }}\nclusters:\n  - {{ name: c, endpoints: [ {{ address: \"{}\" }} ] }}\n",
-            slow.addr
-        ),
-    )
-    .unwrap();
+    let port = free_port();
+    let (_dir, path) = config_file(&format!(
+        "admin: {{ address: \"\" }}\nserver: {{ watch: false }}\nlisteners:\n  - {{ name: main, address: \"127.0.0.1:{port}\" }}\nroutes:\n  - {{ name: r, backends: [ {{ cluster: c }} ] }}\nclusters:\n  - {{ name: c, endpoints: [ {{ address: \"{}\" }} ] }}\n",
+        slow.addr
+    ));
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
         .arg("run")
         .arg(&path)

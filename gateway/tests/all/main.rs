@@ -13,3 +13,4 @@ mod streams;
 mod support;
 mod tcp;
 mod upstreams;
+mod workers;

@@ -174,10 +174,30 @@ impl TestGateway {
 /// Start a gateway. The config should use port 0 for listeners and the admin, and set
 /// `server: { watch: false }` unless the test wants file watching.
 pub async fn gateway(yaml: &str) -> TestGateway {
+    gateway_with_workers(yaml, weir::workers::default_count()).await
+}
+
+/// A loopback port that was free a moment ago (for a config a child process binds).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `yaml` written to `weir.yaml` in a new temporary directory (kept while the guard lives).
+pub fn config_file(yaml: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("weir.yaml");
     std::fs::write(&path, yaml).unwrap();
-    let gateway = weir::Gateway::start(&path)
+    (dir, path)
+}
+
+/// Start a gateway with `workers` worker threads.
+pub async fn gateway_with_workers(yaml: &str, workers: usize) -> TestGateway {
+    let (dir, path) = config_file(yaml);
+    let gateway = weir::Gateway::start_with_workers(&path, workers)
         .await
         .unwrap_or_else(|e| panic!("gateway did not start: {e}"));
     TestGateway { gateway, dir, path }

@@ -278,8 +278,10 @@ pub async fn start(kind: Kind, spec: &ProxySpec, launch: Launch<'_>) -> Result<R
         Kind::Upstream => return Err("the upstream is started by the scenario".into()),
         Kind::Weir => {
             let file = write("weir.yaml", &weir::config(spec))?;
-            let mut s = Spawn::new("weir", launch.binary, &["run", &file], dir);
-            s.env.push(("RUST_LOG".into(), "warn".into()));
+            let workers = spec.workers.to_string();
+            let args = ["run", &file, "--workers", &workers];
+            let mut s = Spawn::new("weir", launch.binary, &args, dir);
+            s.env.push(("WEIR_LOG".into(), "warn".into()));
             s
         }
         Kind::Nginx => {

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use super::peers::KEEPALIVE_S;
 use super::spec::ProxySpec;
 
-/// `weir.yaml` for `spec`; run as `weir run FILE`.
+/// `weir.yaml` for `spec`; run as `weir run FILE --workers N`.
 pub fn config(spec: &ProxySpec) -> String {
     let mut c = String::new();
     let _ = writeln!(c, "admin: {{ address: \"{}\" }}", spec.admin);

@@ -16,8 +16,8 @@ pub struct EngineConfig {
     /// How often the epoch ticker thread bumps the epoch. Default 2 ms. Callback deadlines are
     /// rounded up to a whole number of ticks.
     pub epoch_tick: Duration,
-    /// VM replicas per (module, vm_id, vm configuration). Default: the number of CPUs (tokio's
-    /// default worker count). Each replica is driven by one request at a time.
+    /// VM replicas per (module, vm_id, vm configuration). Default: the number of CPUs (the
+    /// gateway sets its worker count). Each replica is driven by one request at a time.
     pub replicas: usize,
     /// Which replica a new stream runs in. Default [`ReplicaChoice::PerThread`].
     pub replica_choice: ReplicaChoice,
@@ -26,8 +26,9 @@ pub struct EngineConfig {
 /// How a new stream picks the VM replica it runs in (and keeps for its whole life).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ReplicaChoice {
-    /// Envoy's model: each thread that starts streams is given its own replica (the `n`-th
-    /// such thread takes replica `n % replicas`), so with one replica per worker thread a
+    /// Envoy's model: each thread that starts streams is given its own replica (the thread
+    /// numbered `n` by [`crate::set_stream_thread_number`], else the `n`-th thread to start a
+    /// stream, takes replica `n % replicas`), so with one replica per worker thread a
     /// worker never waits for another's VM and keeps its VM's memory in its own cache. While
     /// that replica's VM is gone (it failed and waits for its restart backoff), the thread's
     /// streams use the next replica that has a VM.

@@ -57,7 +57,7 @@ pub use plugin::{Engine, Plugin};
 pub use stream::{
     Decision, HttpStream, LocalReply, RequestHead, ResponseHead, StreamInfo, TlsInfo, empty_name,
 };
-pub use threads::ShardedCounter;
+pub use threads::{ShardedCounter, set_stream_thread_number};
 pub use types::{AbiVersion, LogLevel, Status};
 pub use vm::CPU_SAMPLE_EVERY;
 

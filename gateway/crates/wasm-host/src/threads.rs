@@ -3,16 +3,30 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-/// This thread's number among the threads that started streams: 0 for the first, 1 for the
-/// next, and so on (in a gateway, its tokio workers). Threads that never start a stream (the
-/// one that starts VMs, the blocking pool) take no number, so the workers' numbers are
-/// consecutive.
+thread_local! {
+    static STREAM_NUMBER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// This thread's number among the threads that run streams: the one given by
+/// [`set_stream_thread_number`] (a gateway numbers its workers 0, 1, ...), else 0 for the
+/// first thread that started a stream, 1 for the next, and so on. Threads that never start a
+/// stream (the one that starts VMs, the blocking pool) take no number.
 pub(crate) fn stream_thread_number() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static NUMBER: usize = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    NUMBER.with(|n| *n)
+    STREAM_NUMBER.with(|n| match n.get() {
+        Some(number) => number,
+        None => {
+            let number = NEXT.fetch_add(1, Ordering::Relaxed);
+            n.set(Some(number));
+            number
+        }
+    })
+}
+
+/// Number this thread for picking VM replicas: with one replica per worker thread and each
+/// worker numbered by its index, every worker has a replica of its own.
+pub fn set_stream_thread_number(number: usize) {
+    STREAM_NUMBER.with(|n| n.set(Some(number)));
 }
 
 /// This thread's number for picking a counter shard (every thread that counts takes one).
@@ -63,7 +77,7 @@ impl ShardedCounter {
 
 #[cfg(test)]
 mod tests {
-    use super::{ShardedCounter, stream_thread_number};
+    use super::{ShardedCounter, set_stream_thread_number, stream_thread_number};
 
     #[test]
     fn each_thread_keeps_its_own_number() {
@@ -81,6 +95,17 @@ mod tests {
             4,
             "every thread has a number of its own: {others:?} and {here}"
         );
+    }
+
+    #[test]
+    fn a_thread_numbered_by_its_owner_keeps_that_number() {
+        let got = std::thread::spawn(|| {
+            set_stream_thread_number(7);
+            stream_thread_number()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(got, 7);
     }
 
     #[test]
