@@ -478,6 +478,22 @@ impl Scanner {
                     Ok(())
                 }
                 Phase::Failed => break,
+                Phase::Head(ref mut head) => {
+                    // Bytes of a value (or request line) that decide nothing go up to the line's
+                    // end at once; the others one by one.
+                    match head.skippable(&bytes[i..], self.max_head) {
+                        0 => {
+                            let step = self.step(bytes[i]);
+                            i += 1;
+                            step
+                        }
+                        n => {
+                            head.skip(n);
+                            i += n;
+                            Ok(())
+                        }
+                    }
+                }
                 _ => {
                     let step = self.step(bytes[i]);
                     i += 1;
@@ -682,6 +698,35 @@ impl Head {
             connect: false,
             preface: false,
         }
+    }
+
+    /// How many of the bytes at the start of `rest` are plain bytes of the current line that
+    /// `feed` would only count: the rest of a request line no special form matches any more,
+    /// of a field name that can no longer be a framing field (up to its `:`), or of a value
+    /// that does not decide framing. Stops before a CR or LF, and before `max_head` (so `feed`
+    /// reports that).
+    fn skippable(&self, rest: &[u8], max_head: usize) -> usize {
+        let line = &self.line;
+        let plain = match line.part {
+            Part::Name => line.matches == 0,
+            Part::Value(field) => field.is_none() || field == Some(Field::Upgrade),
+        };
+        // A header line's first byte is checked for obs-fold.
+        if !plain || self.crlf.cr || (self.lines > 0 && line.len == 0) {
+            return 0;
+        }
+        let stop_at_colon = self.lines > 0 && matches!(line.part, Part::Name);
+        let room = max_head.saturating_sub(self.len);
+        let rest = &rest[..rest.len().min(room)];
+        rest.iter()
+            .position(|&b| b == b'\r' || b == b'\n' || (stop_at_colon && b == b':'))
+            .unwrap_or(rest.len())
+    }
+
+    /// Count `n` bytes found [`skippable`](Self::skippable).
+    fn skip(&mut self, n: usize) {
+        self.len += n;
+        self.line.len += n;
     }
 
     /// One byte; `true` when it ends the head.
