@@ -139,7 +139,10 @@ fn new_request_id() -> HeaderValue {
         out[i + 1] = HEX[usize::from(byte & 0x0f)];
         i += 2;
     }
-    HeaderValue::from_bytes(&out).expect("hex and dashes are a valid header value")
+    // One allocation that later clones (the filters' `request.id`, the access log) share,
+    // instead of a copy that the first clone turns into a shared buffer with a second one.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out))
+        .expect("hex and dashes are a valid header value")
 }
 
 /// Checks hyper does not make: Host presence and uniqueness, underscores in names.
