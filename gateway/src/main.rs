@@ -108,9 +108,12 @@ fn main() -> ExitCode {
                 )
                 .with_writer(std::io::stderr)
                 .init();
-            // This thread runs the control tasks (admin, reloads, health checks); the workers
-            // that serve traffic get runtimes of their own.
-            let runtime = tokio::runtime::Builder::new_current_thread()
+            // The control tasks (admin, reloads, health checks, the VMs' timers) run here; the
+            // workers that serve traffic get runtimes of their own. Two threads, so the admin
+            // API (readiness probes) keeps answering while a reload compiles a wasm module.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("weir-control")
                 .enable_all()
                 .build()
                 .expect("tokio runtime");

@@ -4,8 +4,8 @@
 //! replica, its upstream connection) therefore stays on one core instead of following tokio's
 //! work stealing from thread to thread, and the workers share no queues or wake-ups.
 //!
-//! The thread that started the gateway (the "control" thread) keeps the admin listener,
-//! reloads, health checks, DNS and the wasm VMs' background tasks.
+//! The runtime that started the gateway (`weir run`: two "control" threads) keeps the admin
+//! listener, reloads, health checks, DNS and the wasm VMs' background tasks.
 
 use std::cell::Cell;
 

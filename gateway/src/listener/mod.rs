@@ -3,8 +3,9 @@
 //! (`protocol: tcp`, `proxy/tcp.rs`). Listeners are added, removed and changed on reload
 //! without touching connections already open (each keeps the config it was accepted with).
 //!
-//! Every worker thread (`workers.rs`) accepts on every listener's socket and serves the
-//! connections it accepts itself, so a connection never changes threads.
+//! Every worker thread (`workers.rs`) accepts on every listener's socket; each connection is
+//! served by the worker with the fewest open connections (the accepting one hands it over if
+//! another has fewer), from start to end on that thread.
 
 pub mod h1_guard;
 pub mod proxy_protocol;
@@ -203,16 +204,52 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
-        let guard = ConnCount::new(active.clone(), shared.clone());
+        // Envoy's exact balance: a connection goes to the worker with the fewest open ones, so
+        // a few long-lived connections (a cloud load balancer's) do not pile up on one worker.
+        let here = crate::workers::current();
+        let target = here.and_then(|me| less_loaded_worker(&shared, me));
+        let guard = ConnCount::new(active.clone(), shared.clone(), target.or(here));
+        let handle = target.map(|t| shared.workers.handles()[t].clone());
         let listener_stopped = stop.clone();
-        tokio::spawn(async move {
+        let serve = move |stream: TcpStream| async move {
             let _guard = guard;
             if let Err(e) = handle_connection(shared, spec, stream, remote, listener_stopped).await
             {
                 tracing::debug!(error = %e, "connection ended with error");
             }
-        });
+        };
+        let Some(handle) = handle else {
+            tokio::spawn(serve(stream));
+            continue;
+        };
+        match stream.into_std() {
+            Ok(moved) => {
+                handle.spawn(async move {
+                    match TcpStream::from_std(moved) {
+                        Ok(stream) => serve(stream).await,
+                        Err(e) => tracing::debug!(error = %e, "cannot move a connection"),
+                    }
+                });
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot move a connection"),
+        }
     }
+}
+
+/// The worker with the fewest open connections, if it has fewer than worker `me` (on a tie the
+/// connection stays where it was accepted).
+fn less_loaded_worker(shared: &Shared, me: usize) -> Option<usize> {
+    let open = |i| {
+        shared
+            .registry
+            .worker(i)
+            .map_or(0, |w| w.connections_active.load(Ordering::Relaxed))
+    };
+    let mine = open(me);
+    let (least, fewest) = (0..shared.workers.count())
+        .map(|i| (i, open(i)))
+        .min_by_key(|&(_, n)| n)?;
+    (fewest < mine).then_some(least)
 }
 
 /// Counts an open connection in its listener, the gateway and its worker while it lives.
@@ -223,7 +260,7 @@ struct ConnCount {
 }
 
 impl ConnCount {
-    fn new(listener: Arc<AtomicUsize>, shared: Arc<Shared>) -> ConnCount {
+    fn new(listener: Arc<AtomicUsize>, shared: Arc<Shared>, worker: Option<usize>) -> ConnCount {
         listener.fetch_add(1, Ordering::Relaxed);
         let registry = &shared.registry;
         registry
@@ -234,7 +271,6 @@ impl ConnCount {
             .global
             .downstream_connections_active
             .fetch_add(1, Ordering::Relaxed);
-        let worker = crate::workers::current();
         if let Some(w) = worker.and_then(|i| registry.worker(i)) {
             w.connections.fetch_add(1, Ordering::Relaxed);
             w.connections_active.fetch_add(1, Ordering::Relaxed);

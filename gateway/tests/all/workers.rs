@@ -92,6 +92,41 @@ async fn each_worker_has_its_own_vm_and_counts_the_connections_it_serves() {
     assert_eq!(open, 0, "closed connections leave their worker's gauge");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_spread_evenly_over_the_workers() {
+    let cfg = format!(
+        "{}routes:\n  - {{ name: r, direct_response: {{ status: 200, body: ok }} }}\n",
+        base()
+    );
+    let gw = gateway_with_workers(&cfg, 3).await;
+    let (addr, admin) = (gw.addr("main").await, gw.admin());
+    // One after another, so every accept sees the counts the previous one left.
+    let mut conns = Vec::new();
+    for _ in 0..12 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        assert!(request(&mut c, "/").await.starts_with("HTTP/1.1 200"));
+        conns.push(c);
+    }
+    let body = admin_get(admin, "/metrics").await.body;
+    let open: Vec<&str> = body
+        .lines()
+        .filter(|l| l.starts_with("weir_worker_downstream_connections_active{"))
+        .collect();
+    assert_eq!(
+        open,
+        [
+            "weir_worker_downstream_connections_active{worker=\"0\"} 4",
+            "weir_worker_downstream_connections_active{worker=\"1\"} 4",
+            "weir_worker_downstream_connections_active{worker=\"2\"} 4",
+        ],
+        "whichever worker accepts, the least busy one serves"
+    );
+    // Requests on the moved connections are served.
+    for c in &mut conns {
+        assert!(request(c, "/").await.starts_with("HTTP/1.1 200"));
+    }
+}
+
 #[test]
 fn weir_run_takes_a_worker_count_and_rejects_zero() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
