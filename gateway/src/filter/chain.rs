@@ -28,7 +28,11 @@ use crate::body::{BoxError, ProxyBody, full};
 pub const BODY_BUFFER_LIMIT: usize = 1 << 20;
 
 /// The streams of one request, one per filter, in chain order.
-pub type Streams = Arc<Mutex<Vec<HttpStream>>>;
+pub type Streams = Arc<Mutex<StreamList>>;
+
+/// The streams of one request, one per filter in chain order: inline (in the `Streams`
+/// allocation) for chains of up to three filters.
+pub type StreamList = smallvec::SmallVec<[HttpStream; 3]>;
 
 /// What the request callbacks decided.
 pub enum RequestVerdict {

@@ -22,15 +22,16 @@ use crate::route::matcher::normalize_host;
 use crate::route::table::Route;
 use crate::snapshot::Snapshot;
 
-/// Serve a request through the filter chain `links` (listener filters, then route filters).
+/// Serve a request through the filter chain: the listener's filters, then the route's.
 pub async fn serve(
     snapshot: &Snapshot,
     conn: &Arc<ConnInfo>,
     route: Arc<Route>,
     mut req: Request<Incoming>,
     mut finish: Finish,
-    links: &[&Link],
+    listener_links: &[Link],
 ) -> Result<Response<ProxyBody>, BoxError> {
+    let links = || listener_links.iter().chain(route.filters.iter());
     let info = Arc::new(StreamInfo {
         source: Some(conn.remote),
         destination: Some(conn.local),
@@ -48,13 +49,12 @@ pub async fn serve(
         protocol: req.version(),
     });
     // The host picks per-host plugin configuration; most chains have none.
-    let host = if links.iter().any(|l| !l.by_host.is_empty()) {
+    let host = if links().any(|l| !l.by_host.is_empty()) {
         normalize_host(authority(&req))
     } else {
         std::borrow::Cow::Borrowed("")
     };
-    let streams: Vec<_> = links
-        .iter()
+    let streams: chain::StreamList = links()
         .map(|l| l.resolve(&route.name, &host).new_stream(info.clone()))
         .collect();
     drop(host);

@@ -271,12 +271,8 @@ pub async fn serve(
         .await;
         return Ok(finish.answer(answer));
     }
-    let links: Vec<&crate::filter::Link> = listener_filters
-        .into_iter()
-        .flatten()
-        .chain(route.filters.iter())
-        .collect();
-    super::filtered::serve(&snapshot, &conn, route.clone(), req, finish, &links).await
+    let listener_links = listener_filters.map_or(&[][..], Vec::as_slice);
+    super::filtered::serve(&snapshot, &conn, route.clone(), req, finish, listener_links).await
 }
 
 /// What a route's action produced: a response, and for the proxy's own answers the response
