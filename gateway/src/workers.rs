@@ -89,10 +89,11 @@ impl<T> PerWorker<T> {
         }
     }
 
-    /// This thread's value.
+    /// This thread's value: its worker's, or the shared one off the workers (or on a worker
+    /// of another gateway with more workers, in tests).
     pub fn get(&self) -> &T {
         let slot = current().map_or(0, |w| w + 1);
-        &self.slots[slot % self.slots.len()]
+        self.slots.get(slot).unwrap_or(&self.slots[0])
     }
 
     /// Every value.

@@ -122,11 +122,7 @@ async fn listeners_are_added_changed_and_removed_by_reload() {
     assert_eq!(get(main, "x", "/", &[]).await.body, "hi");
 
     // Changing the address of a listener moves it.
-    let moved_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let moved_port = free_port();
     gw.reload(&one.replace(
         "{ name: main, address: 127.0.0.1:0 }",
         &format!("{{ name: main, address: 127.0.0.1:{moved_port} }}"),
@@ -138,11 +134,7 @@ async fn listeners_are_added_changed_and_removed_by_reload() {
 
     // The admin listener moves too.
     let old_admin = gw.admin();
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let admin_port = free_port();
     gw.reload(&one.replace(
         "admin: { address: 127.0.0.1:0 }",
         &format!("admin: {{ address: \"127.0.0.1:{admin_port}\" }}"),

@@ -4,7 +4,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::support::*;
@@ -20,28 +24,26 @@ async fn series_sum(admin: SocketAddr, prefix: &str) -> (u64, usize) {
     (values.iter().sum(), values.len())
 }
 
-/// Send one keep-alive request on `c` and read its whole (small, `content-length`) response.
-async fn request(c: &mut TcpStream, path: &str) -> String {
-    c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-        .await
+/// A keep-alive HTTP/1.1 connection to `addr`.
+async fn connect(addr: SocketAddr) -> SendRequest<Full<Bytes>> {
+    let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let (send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// The status of one `GET /` on `c`, body read.
+async fn get_on(c: &mut SendRequest<Full<Bytes>>) -> u16 {
+    let req = Request::get("/")
+        .header("host", "x")
+        .body(Full::new(Bytes::new()))
         .unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = c.read(&mut buf).await.unwrap();
-        assert!(n > 0, "connection closed early");
-        got.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&got);
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len: usize = text[..end]
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            if got.len() >= end + 4 + len {
-                return text.into_owned();
-            }
-        }
-    }
+    // The connection is ready again once the previous exchange is wholly done.
+    c.ready().await.unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await.unwrap();
+    status
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,10 +62,9 @@ async fn each_worker_has_its_own_vm_and_counts_the_connections_it_serves() {
 
     let mut conns = Vec::new();
     for _ in 0..9 {
-        let mut c = TcpStream::connect(addr).await.unwrap();
+        let mut c = connect(addr).await;
         for _ in 0..2 {
-            let reply = request(&mut c, "/").await;
-            assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+            assert_eq!(get_on(&mut c).await, 200);
         }
         conns.push(c);
     }
@@ -103,8 +104,8 @@ async fn connections_are_spread_evenly_over_the_workers() {
     // One after another, so every accept sees the counts the previous one left.
     let mut conns = Vec::new();
     for _ in 0..12 {
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        assert!(request(&mut c, "/").await.starts_with("HTTP/1.1 200"));
+        let mut c = connect(addr).await;
+        assert_eq!(get_on(&mut c).await, 200);
         conns.push(c);
     }
     let body = admin_get(admin, "/metrics").await.body;
@@ -123,7 +124,7 @@ async fn connections_are_spread_evenly_over_the_workers() {
     );
     // Requests on the moved connections are served.
     for c in &mut conns {
-        assert!(request(c, "/").await.starts_with("HTTP/1.1 200"));
+        assert_eq!(get_on(c).await, 200);
     }
 }
 
