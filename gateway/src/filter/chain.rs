@@ -20,7 +20,7 @@ use futures_util::lock::Mutex;
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use weir_wasm_host::{Decision, HttpStream, LocalReply, RequestHead, ResponseHead};
+use weir_wasm_host::{Decision, HttpStream, LocalReply, RequestHead, ResponseHead, pool};
 
 use crate::body::{BoxError, ProxyBody, full};
 
@@ -258,10 +258,19 @@ pub async fn on_response(
         s.set_response_flags(flags);
     }
     let (parts, mut body) = resp.into_parts();
-    let mut head = Arc::new(ResponseHead {
-        status: parts.status,
-        headers: parts.headers,
-    });
+    let mut head = pool::response_head();
+    match Arc::get_mut(&mut head) {
+        Some(h) => {
+            h.status = parts.status;
+            h.headers = parts.headers;
+        }
+        None => {
+            head = Arc::new(ResponseHead {
+                status: parts.status,
+                headers: parts.headers,
+            });
+        }
+    }
     let version = parts.version;
     let eos = body.is_end_stream();
     let n = guard.len();
@@ -280,6 +289,7 @@ pub async fn on_response(
         }
     }
     let Some(paused) = paused_at else {
+        let head = response_head(head);
         if eos {
             drop(guard);
             return ResponseVerdict::Send(respond(head, version, body, Length::Unchanged));
@@ -364,6 +374,7 @@ pub async fn on_response(
     } else {
         Length::Exactly(data.len())
     };
+    let head = response_head(head);
     ResponseVerdict::Send(respond(head, version, full(data.freeze()), length))
 }
 
@@ -377,18 +388,25 @@ enum Length {
     Exactly(usize),
 }
 
-/// The response to send: the filters' view of the head (the streams keep theirs, so this
-/// copies it when there are filters) with `body`.
+/// The response status and headers to send downstream: the filters' view, copied when the
+/// streams hold it too (they read it in later phases and in `on_log`).
+fn response_head(head: Arc<ResponseHead>) -> (StatusCode, HeaderMap) {
+    match Arc::try_unwrap(head) {
+        Ok(h) => (h.status, h.headers),
+        Err(head) => (head.status, head.headers.clone()),
+    }
+}
+
+/// The response to send: the status and headers the filters left, with `body`.
 fn respond(
-    head: Arc<ResponseHead>,
+    (status, headers): (StatusCode, HeaderMap),
     version: http::Version,
     body: ProxyBody,
     length: Length,
 ) -> Response<ProxyBody> {
-    let head = Arc::unwrap_or_clone(head);
     let mut r = Response::new(body);
-    *r.status_mut() = head.status;
-    *r.headers_mut() = head.headers;
+    *r.status_mut() = status;
+    *r.headers_mut() = headers;
     *r.version_mut() = version;
     match length {
         Length::Unchanged => {}
@@ -447,19 +465,59 @@ async fn run_data(
 }
 
 /// Run `on_log`, `on_done`, `on_delete` on every stream (at the end of the response), with
-/// the final response flags (Envoy's bits).
-pub fn finish(streams: &Streams, flags: u64) {
+/// the final response flags (Envoy's bits). The streams' allocation is kept for another
+/// request of this thread when nothing else holds it.
+pub fn finish(streams: Streams, flags: u64) {
     let finish = move |s: &mut HttpStream| {
         s.set_response_flags(flags);
         s.finish();
     };
-    match streams.try_lock() {
-        Some(mut guard) => guard.iter_mut().for_each(finish),
-        None => {
-            let streams = streams.clone();
-            tokio::spawn(async move { streams.lock().await.iter_mut().for_each(finish) });
-        }
+    if let Some(mut guard) = streams.try_lock() {
+        guard.iter_mut().for_each(finish);
+    } else {
+        tokio::spawn(async move { streams.lock().await.iter_mut().for_each(finish) });
+        return;
     }
+    give_streams(streams);
+}
+
+thread_local! {
+    /// Stream lists of finished requests, empty, for the next requests of this thread.
+    static FREE_STREAMS: std::cell::RefCell<Vec<Streams>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The streams of a new request, in an allocation a finished request of this thread left.
+pub fn new_streams(list: impl IntoIterator<Item = HttpStream>) -> Streams {
+    let free = FREE_STREAMS
+        .try_with(|f| f.try_borrow_mut().ok()?.pop())
+        .ok()
+        .flatten();
+    match free {
+        Some(mut streams) => {
+            if let Some(slot) = Arc::get_mut(&mut streams) {
+                slot.get_mut().extend(list);
+                return streams;
+            }
+            Arc::new(Mutex::new(list.into_iter().collect()))
+        }
+        None => Arc::new(Mutex::new(list.into_iter().collect())),
+    }
+}
+
+/// Keep a finished request's streams allocation, if this was its last reference.
+fn give_streams(mut streams: Streams) {
+    let Some(slot) = Arc::get_mut(&mut streams) else {
+        return;
+    };
+    // Dropping the streams gives their contexts back to the host's pool.
+    slot.get_mut().clear();
+    let _ = FREE_STREAMS.try_with(|f| {
+        if let Ok(mut f) = f.try_borrow_mut()
+            && f.len() < pool::KEEP
+        {
+            f.push(streams);
+        }
+    });
 }
 
 type Pending = Pin<Box<dyn Future<Output = Result<Vec<Frame<Bytes>>, BoxError>> + Send>>;

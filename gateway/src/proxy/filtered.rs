@@ -4,16 +4,15 @@
 
 use std::sync::Arc;
 
-use futures_util::lock::Mutex;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use weir_wasm_host::{RequestHead, StreamInfo, TlsInfo, empty_name};
+use weir_wasm_host::{RequestHead, StreamInfo, TlsInfo, empty_name, pool};
 
 use super::logged_body::Finish;
 use super::response_flags;
-use super::service::{ConnInfo, X_REQUEST_ID, authority, find_route, is_upgrade, run_action};
+use super::service::{ConnInfo, authority, find_route, is_upgrade, run_action};
 use crate::body::{BoxError, ProxyBody, incoming};
 use crate::error::ProxyError;
 use crate::filter::Link;
@@ -22,6 +21,14 @@ use crate::route::matcher::normalize_host;
 use crate::route::table::Route;
 use crate::snapshot::Snapshot;
 
+/// What the service has found out for a request that goes through filters.
+pub struct Filters<'a> {
+    /// The listener's filters, which run before the route's.
+    pub listener: &'a [Link],
+    /// The request's `x-request-id` (`request.id`), as it arrived or as the gateway set it.
+    pub request_id: HeaderValue,
+}
+
 /// Serve a request through the filter chain: the listener's filters, then the route's.
 pub async fn serve(
     snapshot: &Snapshot,
@@ -29,51 +36,25 @@ pub async fn serve(
     route: Arc<Route>,
     mut req: Request<Incoming>,
     mut finish: Finish,
-    listener_links: &[Link],
+    filters: Filters<'_>,
 ) -> Result<Response<ProxyBody>, BoxError> {
-    let links = || listener_links.iter().chain(route.filters.iter());
-    let info = Arc::new(StreamInfo {
-        source: Some(conn.remote),
-        destination: Some(conn.local),
-        connection_id: conn.id,
-        tls: conn.tls.then(|| TlsInfo {
-            sni: conn.sni.clone(),
-            ..Default::default()
-        }),
-        route_name: route.name.clone(),
-        cluster_name: empty_name(),
-        listener_name: conn.listener.clone(),
-        virtual_host_name: empty_name(),
-        request_id: req.headers().get(&X_REQUEST_ID).cloned(),
-        start_time: std::time::SystemTime::now(),
-        protocol: req.version(),
-    });
+    let links = || filters.listener.iter().chain(route.filters.iter());
+    let info = stream_info(conn, &route, filters.request_id, finish.start_time(), &req);
     // The host picks per-host plugin configuration; most chains have none.
     let host = if links().any(|l| !l.by_host.is_empty()) {
         normalize_host(authority(&req))
     } else {
         std::borrow::Cow::Borrowed("")
     };
-    let streams: chain::StreamList = links()
-        .map(|l| l.resolve(&route.name, &host).new_stream(info.clone()))
-        .collect();
+    let streams =
+        chain::new_streams(links().map(|l| l.resolve(&route.name, &host).new_stream(info.clone())));
     drop(host);
-    let streams = Arc::new(Mutex::new(streams));
+    drop(info);
     finish.filters = Some(streams.clone());
 
     let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let mut head = Arc::new(RequestHead {
-        method: parts.method.clone(),
-        scheme: if conn.tls { "https" } else { "http" }.into(),
-        authority: authority_of(&parts),
-        path: parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string(),
-        headers: std::mem::take(&mut parts.headers),
-    });
+    let mut head = request_head(&mut parts, conn.tls);
     // A filter may pause and wait (callouts, or for another context to resume it): the route's
     // timeout bounds that wait.
     let verdict = match route.timeout {
@@ -171,14 +152,68 @@ pub async fn serve(
     }
 }
 
-fn authority_of(parts: &http::request::Parts) -> String {
-    match parts.uri.authority() {
-        Some(a) => a.as_str().to_string(),
-        None => parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("")
-            .to_string(),
+/// The streams' facts about the request, in an allocation a finished request of this thread
+/// left.
+fn stream_info(
+    conn: &ConnInfo,
+    route: &Route,
+    request_id: HeaderValue,
+    start_time: std::time::SystemTime,
+    req: &Request<Incoming>,
+) -> Arc<StreamInfo> {
+    let info = StreamInfo {
+        source: Some(conn.remote),
+        destination: Some(conn.local),
+        connection_id: conn.id,
+        tls: conn.tls.then(|| TlsInfo {
+            sni: conn.sni.clone(),
+            ..Default::default()
+        }),
+        route_name: route.name.clone(),
+        cluster_name: empty_name(),
+        listener_name: conn.listener.clone(),
+        virtual_host_name: empty_name(),
+        request_id: Some(request_id),
+        start_time,
+        protocol: req.version(),
+    };
+    let mut pooled = pool::stream_info();
+    match Arc::get_mut(&mut pooled) {
+        Some(slot) => {
+            *slot = info;
+            pooled
+        }
+        None => Arc::new(info),
     }
+}
+
+/// The request line and headers as the filters see them, in a head a finished request of
+/// this thread left (its strings keep their room). The headers move out of `parts`.
+fn request_head(parts: &mut http::request::Parts, tls: bool) -> Arc<RequestHead> {
+    let mut head = pool::request_head();
+    if Arc::get_mut(&mut head).is_none() {
+        head = Arc::default();
+    }
+    if let Some(h) = Arc::get_mut(&mut head) {
+        fill_request_head(h, parts, tls);
+    }
+    head
+}
+
+fn fill_request_head(h: &mut RequestHead, parts: &mut http::request::Parts, tls: bool) {
+    h.method = parts.method.clone();
+    h.scheme = if tls { "https" } else { "http" }.into();
+    h.authority.clear();
+    match parts.uri.authority() {
+        Some(a) => h.authority.push_str(a.as_str()),
+        None => {
+            let host = parts.headers.get(header::HOST);
+            h.authority
+                .push_str(host.and_then(|h| h.to_str().ok()).unwrap_or(""));
+        }
+    }
+    h.path.clear();
+    h.path
+        .push_str(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+    h.headers = std::mem::take(&mut parts.headers);
 }

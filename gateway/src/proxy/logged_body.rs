@@ -137,6 +137,11 @@ impl Finish {
         self.respond(resp)
     }
 
+    /// When the request started (`request.time`).
+    pub fn start_time(&self) -> SystemTime {
+        self.start_time
+    }
+
     /// The answer of a route's action.
     pub fn answer(self, answer: super::service::Answer) -> Response<ProxyBody> {
         match answer.local {
@@ -160,7 +165,7 @@ impl Finish {
         Response::from_parts(parts, LoggedBody::wrap(body, self))
     }
 
-    fn complete(self, bytes_sent: u64, downstream_gone: bool) {
+    fn complete(mut self, bytes_sent: u64, downstream_gone: bool) {
         let duration = self.started.elapsed();
         let mut flags = std::borrow::Cow::Borrowed(self.flags.as_str());
         if downstream_gone {
@@ -170,7 +175,7 @@ impl Finish {
             }
             flags.push_str("DC");
         }
-        if let Some(streams) = &self.filters {
+        if let Some(streams) = self.filters.take() {
             crate::filter::chain::finish(streams, super::response_flags::bits(&flags));
         }
         if let Some(route) = &self.route {

@@ -209,9 +209,10 @@ pub async fn serve(
 
     // Request id and forwarding headers (Envoy edge behaviour: use the remote address).
     let headers = req.headers_mut();
-    if !headers.contains_key(&X_REQUEST_ID) {
-        headers.insert(X_REQUEST_ID.clone(), new_request_id());
-    }
+    let request_id = match headers.entry(&X_REQUEST_ID) {
+        http::header::Entry::Occupied(e) => e.get().clone(),
+        http::header::Entry::Vacant(e) => e.insert(new_request_id()).clone(),
+    };
     let client_ip = conn.remote.ip();
     let xff = match headers.get(&X_FORWARDED_FOR) {
         Some(prev) => {
@@ -272,7 +273,11 @@ pub async fn serve(
         return Ok(finish.answer(answer));
     }
     let listener_links = listener_filters.map_or(&[][..], Vec::as_slice);
-    super::filtered::serve(&snapshot, &conn, route.clone(), req, finish, listener_links).await
+    let filters = super::filtered::Filters {
+        listener: listener_links,
+        request_id,
+    };
+    super::filtered::serve(&snapshot, &conn, route.clone(), req, finish, filters).await
 }
 
 /// What a route's action produced: a response, and for the proxy's own answers the response

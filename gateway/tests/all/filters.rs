@@ -68,6 +68,58 @@ async fn headers_pseudo_headers_properties_and_local_replies() {
     assert!(m.contains("guest_http_requests"), "{m}");
 }
 
+/// The filter path reuses its per-request objects (stream contexts, heads, stream facts) from
+/// one request to the next on a worker: nothing of a request may show through in the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_sees_only_its_own_head_and_properties() {
+    let up = upstream("up", Behavior::default()).await;
+    let plugins = format!(
+        "  - {{ name: h, module: \"{}\", vm_id: v1 }}\n",
+        guest("http").display()
+    );
+    let routes = "  - { name: ra, match: { path: { prefix: /a } }, filters: [h], backends: [ { cluster: up } ] }\n  \
+                  - { name: rb, filters: [h], backends: [ { cluster: up } ] }\n";
+    let gw = gateway(&cfg(&plugins, routes, up.addr, "")).await;
+    let addr = gw.addr("main").await;
+    // One client: the requests share keep-alive connections, so they run on the same workers
+    // one after the other.
+    let c = client();
+    for i in 0..40 {
+        let (path, route) = if i % 2 == 0 {
+            (format!("/a/{i}?q={i}"), "ra")
+        } else {
+            (format!("/b/{}", "x".repeat(i)), "rb")
+        };
+        let host = format!("h{i}.example");
+        let id = format!("id-{i}");
+        let mut b = http::Request::get(format!("http://{addr}{path}")).header("host", &host);
+        // Every third request has a referer and an id of its own; the others have neither.
+        if i % 3 == 0 {
+            b = b.header("referer", format!("https://from/{i}"));
+            b = b.header("x-request-id", &id);
+        }
+        let r = send(&c, b.body(Default::default()).unwrap()).await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.body);
+        let seen = |k: &str| r.headers[k].to_str().unwrap().to_string();
+        assert_eq!(seen("x-prop-path"), path, "request {i}");
+        assert_eq!(seen("x-prop-host"), host, "request {i}");
+        assert_eq!(seen("x-prop-route"), route, "request {i}");
+        assert_eq!(r.json()["headers"]["x-seen-authority"], host.as_str());
+        if i % 3 == 0 {
+            assert_eq!(
+                seen("x-prop-referer"),
+                format!("https://from/{i}"),
+                "request {i}"
+            );
+            assert_eq!(seen("x-prop-id"), id, "request {i}");
+        } else {
+            assert_eq!(seen("x-prop-referer"), "none", "request {i}");
+            let generated = seen("x-prop-id");
+            assert!(!generated.starts_with("id-"), "request {i}: {generated}");
+        }
+    }
+}
+
 /// `portable: true` runs a filter as Envoy would: Weir's foreign functions answer `NOT_FOUND`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_portable_plugin_gets_no_weir_foreign_functions() {

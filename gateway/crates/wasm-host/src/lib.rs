@@ -28,6 +28,7 @@ mod memory;
 mod metrics;
 mod network;
 mod plugin;
+pub mod pool;
 mod properties;
 mod shared;
 mod state;

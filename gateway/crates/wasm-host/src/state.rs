@@ -166,6 +166,78 @@ pub(crate) struct StreamCtx {
     pub grpc: Option<crate::grpc_stream::Inbox>,
 }
 
+impl StreamCtx {
+    /// A fresh context of root context `root`.
+    pub(crate) fn new(id: u32, root: u32, info: Arc<StreamInfo>) -> Self {
+        Self {
+            id,
+            network: false,
+            root,
+            info,
+            request: None,
+            response: None,
+            request_trailers: None,
+            response_trailers: None,
+            body: None,
+            request_body_bytes: 0,
+            response_body_bytes: 0,
+            cluster: None,
+            upstream: None,
+            response_code_details: None,
+            response_flags: 0,
+            filter_state: HashMap::new(),
+            actions: Actions::default(),
+            request_headers_changed: false,
+            local_reply_sent: false,
+            grpc: None,
+        }
+    }
+
+    /// Clear what a finished stream left (its `info`, `request` and `response` are handled by
+    /// the caller), so that the context can serve another stream.
+    pub(crate) fn reset(&mut self) {
+        let Self {
+            id: _,
+            network,
+            root: _,
+            info: _,
+            request,
+            response,
+            request_trailers,
+            response_trailers,
+            body,
+            request_body_bytes,
+            response_body_bytes,
+            cluster,
+            upstream,
+            response_code_details,
+            response_flags,
+            filter_state,
+            actions,
+            request_headers_changed,
+            local_reply_sent,
+            grpc,
+        } = self;
+        *network = false;
+        *request = None;
+        *response = None;
+        *request_trailers = None;
+        *response_trailers = None;
+        *body = None;
+        *request_body_bytes = 0;
+        *response_body_bytes = 0;
+        *cluster = None;
+        *upstream = None;
+        *response_code_details = None;
+        *response_flags = 0;
+        filter_state.clear();
+        *actions = Actions::default();
+        *request_headers_changed = false;
+        *local_reply_sent = false;
+        *grpc = None;
+    }
+}
+
 /// The result of a callout, visible to the guest during `proxy_on_http_call_response`.
 pub(crate) struct CalloutView {
     pub headers: http::HeaderMap,

@@ -1,6 +1,5 @@
 //! One HTTP stream through one plugin: the callbacks the gateway drives, in order.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -279,28 +278,17 @@ impl std::fmt::Debug for HttpStream {
 impl HttpStream {
     pub(crate) fn new(plugin: Arc<Plugin>, info: Arc<StreamInfo>) -> Self {
         let replica = plugin.group.pick_replica();
-        let ctx = Box::new(StreamCtx {
-            id: plugin.group.next_context_id(),
-            network: false,
-            root: plugin.root.context_id,
-            info,
-            request: None,
-            response: None,
-            request_trailers: None,
-            response_trailers: None,
-            body: None,
-            request_body_bytes: 0,
-            response_body_bytes: 0,
-            cluster: None,
-            upstream: None,
-            response_code_details: None,
-            response_flags: 0,
-            filter_state: HashMap::new(),
-            actions: Actions::default(),
-            request_headers_changed: false,
-            local_reply_sent: false,
-            grpc: None,
-        });
+        let id = plugin.group.next_context_id();
+        let root = plugin.root.context_id;
+        let ctx = match crate::pool::context() {
+            Some(mut ctx) => {
+                ctx.id = id;
+                ctx.root = root;
+                ctx.info = info;
+                ctx
+            }
+            None => Box::new(StreamCtx::new(id, root, info)),
+        };
         Self {
             plugin,
             replica,
@@ -977,6 +965,9 @@ impl HttpStream {
 impl Drop for HttpStream {
     fn drop(&mut self) {
         self.end(None);
+        if let Some(ctx) = self.ctx.take() {
+            crate::pool::give_context(ctx);
+        }
     }
 }
 
@@ -993,28 +984,15 @@ async fn next_callout(
 #[cold]
 fn unreachable_ctx() -> Box<StreamCtx> {
     // Never taken outside `invoke`; a fresh empty context keeps the host alive regardless.
-    Box::new(StreamCtx {
-        id: 0,
-        network: false,
-        root: 0,
-        info: Arc::new(StreamInfo::default()),
-        request: None,
-        response: None,
-        request_trailers: None,
-        response_trailers: None,
-        body: None,
-        request_body_bytes: 0,
-        response_body_bytes: 0,
-        cluster: None,
-        upstream: None,
-        response_code_details: None,
-        response_flags: 0,
-        filter_state: HashMap::new(),
-        actions: Actions::default(),
-        request_headers_changed: false,
-        local_reply_sent: false,
-        grpc: None,
-    })
+    Box::new(StreamCtx::new(0, 0, empty_info()))
+}
+
+/// Empty stream facts, shared (cloning them does not allocate).
+pub(crate) fn empty_info() -> Arc<StreamInfo> {
+    thread_local! {
+        static EMPTY: Arc<StreamInfo> = Arc::new(StreamInfo::default());
+    }
+    EMPTY.with(Arc::clone)
 }
 
 /// The next event of the context's gRPC streams; never, when it opened none.
