@@ -150,7 +150,7 @@ impl NetworkStream {
         }
         let r = self
             .stream
-            .callback(|ex, store, id| match &ex.new_connection {
+            .callback(&mut |ex, store, id| match &ex.new_connection {
                 Some(f) => f.call(store, id),
                 None => Ok(0),
             });
@@ -237,7 +237,7 @@ impl NetworkStream {
         let len = buf.len() as i32;
         let eos = i32::from(end_of_stream);
         self.stream.ctx().body = Some((direction.kind(), buf));
-        let r = self.stream.callback(|ex, store, id| {
+        let r = self.stream.callback(&mut |ex, store, id| {
             let f = match direction {
                 Direction::Downstream => &ex.downstream_data,
                 Direction::Upstream => &ex.upstream_data,
@@ -422,7 +422,7 @@ impl NetworkStream {
         }
         *done = true;
         let peer = peer.as_i32();
-        let r = self.stream.callback(|ex, store, id| {
+        let r = self.stream.callback(&mut |ex, store, id| {
             let f = match direction {
                 Direction::Downstream => &ex.downstream_close,
                 Direction::Upstream => &ex.upstream_close,

@@ -240,6 +240,14 @@ impl Future for Callout {
 
 type Pending = FuturesUnordered<Callout>;
 
+/// One guest callback of a stream: given the exports, the store and the context id.
+pub(crate) type GuestCall<'a> = dyn FnMut(
+        &crate::vm::Exports,
+        &mut wasmtime::Store<crate::state::HostState>,
+        i32,
+    ) -> wasmtime::Result<i32>
+    + 'a;
+
 /// One HTTP stream through one plugin.
 ///
 /// The gateway calls, for each plugin of a route's chain: [`on_request_headers`], then
@@ -453,28 +461,16 @@ impl HttpStream {
         }
     }
 
-    /// Run a stream callback: create the context first if needed.
-    pub(crate) fn callback(
-        &mut self,
-        f: impl FnOnce(
-            &crate::vm::Exports,
-            &mut wasmtime::Store<crate::state::HostState>,
-            i32,
-        ) -> wasmtime::Result<i32>,
-    ) -> Result<i32, ()> {
+    /// Run a stream callback: create the context first if needed. The callback is passed as a
+    /// trait object so that one copy of the calling machinery (lock, context, deadline, stats)
+    /// serves every callback: a request runs several, and the copies' code would compete for
+    /// the instruction cache.
+    pub(crate) fn callback(&mut self, f: &mut GuestCall<'_>) -> Result<i32, ()> {
         self.guest_call(false, f)
     }
 
     /// [`callback`](Self::callback), with `last` as in [`invoke`](Self::invoke).
-    fn guest_call(
-        &mut self,
-        last: bool,
-        f: impl FnOnce(
-            &crate::vm::Exports,
-            &mut wasmtime::Store<crate::state::HostState>,
-            i32,
-        ) -> wasmtime::Result<i32>,
-    ) -> Result<i32, ()> {
+    fn guest_call(&mut self, last: bool, f: &mut GuestCall<'_>) -> Result<i32, ()> {
         self.invoke(last, |vm, spec, id, create| {
             vm.guarded(spec.limits.callback_deadline, &spec.stats, |ex, store| {
                 if create && let Some(cc) = &ex.context_create {
@@ -684,7 +680,7 @@ impl HttpStream {
         let n = (4 + head.headers.len()) as i32;
         let placeholder = EMPTY_REQUEST.with(Arc::clone);
         self.ctx().request = Some(std::mem::replace(head, placeholder));
-        let r = self.callback(|ex, store, id| match &ex.request_headers {
+        let r = self.callback(&mut |ex, store, id| match &ex.request_headers {
             Some(HeadersFn::V2(f)) => f.call(store, (id, n, i32::from(end_of_stream))),
             Some(HeadersFn::V1(f)) => f.call(store, (id, n)),
             None => Ok(0),
@@ -743,7 +739,7 @@ impl HttpStream {
         let len = buf.len() as i32;
         ctx.body = Some((kind, buf));
         let eos = i32::from(end_of_stream);
-        let r = self.callback(|ex, store, id| {
+        let r = self.callback(&mut |ex, store, id| {
             let f = match dir {
                 Dir::Request => &ex.request_body,
                 Dir::Response => &ex.response_body,
@@ -815,7 +811,7 @@ impl HttpStream {
             Dir::Request => ctx.request_trailers = Some(t),
             Dir::Response => ctx.response_trailers = Some(t),
         }
-        let r = self.callback(|ex, store, id| {
+        let r = self.callback(&mut |ex, store, id| {
             let f = match dir {
                 Dir::Request => &ex.request_trailers,
                 Dir::Response => &ex.response_trailers,
@@ -871,7 +867,7 @@ impl HttpStream {
         let n = (1 + head.headers.len()) as i32;
         let placeholder = EMPTY_RESPONSE.with(Arc::clone);
         self.ctx().response = Some(std::mem::replace(head, placeholder));
-        let r = self.callback(|ex, store, id| match &ex.response_headers {
+        let r = self.callback(&mut |ex, store, id| match &ex.response_headers {
             Some(HeadersFn::V2(f)) => f.call(store, (id, n, i32::from(end_of_stream))),
             Some(HeadersFn::V1(f)) => f.call(store, (id, n)),
             None => Ok(0),
@@ -931,7 +927,7 @@ impl HttpStream {
             return;
         }
         self.pending = None;
-        let r = self.guest_call(log.is_some(), |ex, store, id| {
+        let r = self.guest_call(log.is_some(), &mut |ex, store, id| {
             let on_log = |store: &mut wasmtime::Store<crate::state::HostState>| match &ex.log {
                 Some(f) => f.call(store, id),
                 None => Ok(()),
