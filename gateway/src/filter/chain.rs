@@ -120,7 +120,7 @@ pub async fn on_request(
     };
     // A filter paused on the headers: buffer the body and give it whole to the filters.
     let mut data = match collect(body, BODY_BUFFER_LIMIT).await {
-        Some(d) => d,
+        Some(d) => d.freeze(),
         None => {
             drop(guard);
             let r = LocalReply {
@@ -154,11 +154,11 @@ pub async fn on_request(
         }
         let held = guard[i].take_buffered_body(true);
         if !held.is_empty() {
-            data = held;
+            data = held.freeze();
         }
     }
     Ok(RequestVerdict::Forward {
-        body: full(data.freeze()),
+        body: full(data),
         route_cache_cleared: cleared(&guard),
     })
 }
@@ -197,7 +197,7 @@ async fn local_reply(streams: &Streams, from: usize, r: &LocalReply) -> RequestV
         head.headers.insert("grpc-status", HeaderValue::from(g));
     }
     let mut head = Arc::new(head);
-    let mut body = BytesMut::from(&r.body[..]);
+    let mut body = r.body.clone();
     for i in (0..=from.min(guard.len().saturating_sub(1))).rev() {
         guard[i].set_response_code_details(&r.details);
         // A second local reply while answering one is ignored, as in Envoy.
@@ -212,12 +212,12 @@ async fn local_reply(streams: &Streams, from: usize, r: &LocalReply) -> RequestV
             let _ = guard[i].on_response_body(&mut body, true).await;
             let held = guard[i].take_buffered_body(false);
             if !held.is_empty() {
-                body = held;
+                body = held.freeze();
             }
         }
     }
     let head = Arc::unwrap_or_clone(head);
-    let mut resp = Response::new(full(body.freeze()));
+    let mut resp = Response::new(full(body));
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers;
     resp.headers_mut().remove(http::header::CONTENT_LENGTH);
@@ -320,7 +320,7 @@ pub async fn on_response(
             Some(None) => (Bytes::new(), true),
         };
         let end = ended || body.is_end_stream();
-        let mut buf = into_mut(first);
+        let mut buf = first;
         if run_data(&mut guard, Direction::Response, &mut buf, end)
             .await
             .is_err()
@@ -330,13 +330,13 @@ pub async fn on_response(
         drop(guard);
         if end {
             let length = Length::Exactly(buf.len());
-            return ResponseVerdict::Send(respond(head, version, full(buf.freeze()), length));
+            return ResponseVerdict::Send(respond(head, version, full(buf), length));
         }
-        let filtered = (!buf.is_empty()).then(|| Frame::data(buf.freeze()));
+        let filtered = (!buf.is_empty()).then(|| Frame::data(buf));
         let body = FilteredBody::response_after(streams.clone(), body, filtered);
         return ResponseVerdict::Send(respond(head, version, body, Length::MayChange));
     };
-    let Some(mut data) = collect(body, BODY_BUFFER_LIMIT).await else {
+    let Some(data) = collect(body, BODY_BUFFER_LIMIT).await else {
         let r = LocalReply {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             headers: HeaderMap::new(),
@@ -346,6 +346,7 @@ pub async fn on_response(
         };
         return ResponseVerdict::Reply(reply_response(&r), r.details.clone());
     };
+    let mut data = data.freeze();
     for i in (0..n).rev() {
         if i < paused {
             match guard[i].on_response_headers(&mut head, false).await {
@@ -365,7 +366,7 @@ pub async fn on_response(
         }
         let held = guard[i].take_buffered_body(false);
         if !held.is_empty() {
-            data = held;
+            data = held.freeze();
         }
     }
     // No body at all (a HEAD, a 204/304) keeps the upstream's content-length.
@@ -375,7 +376,7 @@ pub async fn on_response(
         Length::Exactly(data.len())
     };
     let head = response_head(head);
-    ResponseVerdict::Send(respond(head, version, full(data.freeze()), length))
+    ResponseVerdict::Send(respond(head, version, full(data), length))
 }
 
 /// What the gateway knows of a response body's length after the filters.
@@ -426,19 +427,13 @@ fn respond(
     r
 }
 
-/// A chunk as a buffer the filters may edit; copied only when someone else holds it.
-fn into_mut(data: Bytes) -> BytesMut {
-    data.try_into_mut()
-        .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
-}
-
 /// Run one chunk of body through the body callbacks (chain order for the request, reverse for
 /// the response). A filter that holds the chunk (not at the end of the stream) leaves `buf`
 /// empty: the host keeps the bytes and gives them back, accumulated, when it continues.
 async fn run_data(
     guard: &mut [HttpStream],
     direction: Direction,
-    buf: &mut BytesMut,
+    buf: &mut Bytes,
     eos: bool,
 ) -> Result<(), FilterReset> {
     let n = guard.len();
@@ -453,7 +448,7 @@ async fn run_data(
         match decision {
             Decision::Continue => {}
             Decision::StopIteration if !eos => {
-                buf.clear();
+                *buf = Bytes::new();
                 return Ok(());
             }
             Decision::StopIteration => {}
@@ -603,14 +598,14 @@ async fn run_part(
     let request = direction == Direction::Request;
     match part {
         Part::Data(data, eos) => {
-            let mut buf = into_mut(data);
+            let mut buf = data;
             run_data(&mut guard, direction, &mut buf, eos)
                 .await
                 .map_err(Box::new)?;
             Ok(if buf.is_empty() {
                 Vec::new()
             } else {
-                vec![Frame::data(buf.freeze())]
+                vec![Frame::data(buf)]
             })
         }
         Part::Trailers(mut trailers) => {

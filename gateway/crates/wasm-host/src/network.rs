@@ -236,7 +236,7 @@ impl NetworkStream {
         }
         let len = buf.len() as i32;
         let eos = i32::from(end_of_stream);
-        self.stream.ctx().body = Some((direction.kind(), buf));
+        self.stream.ctx().body = Some((direction.kind(), buf.freeze()));
         let r = self.stream.callback(&mut |ex, store, id| {
             let f = match direction {
                 Direction::Downstream => &ex.downstream_data,
@@ -252,8 +252,7 @@ impl NetworkStream {
             .ctx()
             .body
             .take()
-            .map(|(_, b)| b)
-            .unwrap_or_default();
+            .map_or_else(BytesMut::new, |(_, b)| crate::stream::into_mut(b));
         let action = match r {
             Ok(action) => action,
             Err(()) => return self.fail_with(direction, data, buf),

@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
 use tokio::sync::mpsc::UnboundedSender;
@@ -150,7 +150,9 @@ pub(crate) struct StreamCtx {
     pub response: Option<Arc<ResponseHead>>,
     pub request_trailers: Option<http::HeaderMap>,
     pub response_trailers: Option<http::HeaderMap>,
-    pub body: Option<(BodyKind, BytesMut)>,
+    /// The body (or network data) the current callback sees; replaced whole by the guest's
+    /// `proxy_set_buffer_bytes`, read without a copy.
+    pub body: Option<(BodyKind, Bytes)>,
     pub request_body_bytes: u64,
     pub response_body_bytes: u64,
     pub cluster: Option<Arc<str>>,

@@ -701,20 +701,21 @@ impl HttpStream {
         d
     }
 
-    async fn on_body(&mut self, dir: Dir, data: &mut BytesMut, end_of_stream: bool) -> Decision {
+    async fn on_body(&mut self, dir: Dir, data: &mut Bytes, end_of_stream: bool) -> Decision {
         let held = match dir {
             Dir::Request => &mut self.request_body,
             Dir::Response => &mut self.response_body,
         };
-        let mut buf = std::mem::take(held);
         let chunk = data.len() as u64;
-        if buf.is_empty() {
-            // Moved, not split: splitting would make the buffer shared (an allocation).
-            buf = std::mem::take(data);
+        // The chunk itself when nothing is held (no copy: the filter reads and replaces the
+        // body whole), else the held bytes with the chunk appended.
+        let buf = if held.is_empty() {
+            std::mem::take(data)
         } else {
-            buf.extend_from_slice(data);
-            data.clear();
-        }
+            held.extend_from_slice(data);
+            *data = Bytes::new();
+            std::mem::take(held).freeze()
+        };
         if !self.skipping()
             && let Some(d) = self.deliver_ready()
         {
@@ -774,6 +775,7 @@ impl HttpStream {
                     self.ctx().local_reply_sent = true;
                     return Decision::LocalReply(Box::new(reply));
                 }
+                let buf = into_mut(buf);
                 match dir {
                     Dir::Request => self.request_body = buf,
                     Dir::Response => self.response_body = buf,
@@ -787,7 +789,7 @@ impl HttpStream {
     /// A request body chunk. On `Continue`, `data` holds what to forward (the whole
     /// accumulated body if earlier chunks were held); on `StopIteration` the host keeps the
     /// bytes (capped at `limits.body_buffer_bytes`: past it a 413 local reply).
-    pub async fn on_request_body(&mut self, data: &mut BytesMut, end_of_stream: bool) -> Decision {
+    pub async fn on_request_body(&mut self, data: &mut Bytes, end_of_stream: bool) -> Decision {
         self.on_body(Dir::Request, data, end_of_stream).await
     }
 
@@ -805,6 +807,7 @@ impl HttpStream {
             Dir::Request => (BodyKind::Request, std::mem::take(&mut self.request_body)),
             Dir::Response => (BodyKind::Response, std::mem::take(&mut self.response_body)),
         };
+        let held = (held.0, held.1.freeze());
         let ctx = self.ctx();
         ctx.body = Some(held);
         match dir {
@@ -828,7 +831,11 @@ impl HttpStream {
             },
             Err(()) => self.failure_decision(),
         };
-        let held = self.ctx().body.take().map(|(_, b)| b).unwrap_or_default();
+        let held = self
+            .ctx()
+            .body
+            .take()
+            .map_or_else(BytesMut::new, |(_, b)| into_mut(b));
         match dir {
             Dir::Request => self.request_body = held,
             Dir::Response => self.response_body = held,
@@ -890,7 +897,7 @@ impl HttpStream {
 
     /// A response body chunk; see [`on_request_body`](Self::on_request_body) (the cap answers
     /// 500).
-    pub async fn on_response_body(&mut self, data: &mut BytesMut, end_of_stream: bool) -> Decision {
+    pub async fn on_response_body(&mut self, data: &mut Bytes, end_of_stream: bool) -> Decision {
         self.on_body(Dir::Response, data, end_of_stream).await
     }
 
@@ -997,6 +1004,12 @@ async fn next_grpc_event(inbox: Option<&mut Inbox>) -> Delivery {
         Some(inbox) => inbox.next().await,
         None => std::future::pending().await,
     }
+}
+
+/// Bytes to keep appending to: the same memory when nothing else shares it, else a copy.
+pub(crate) fn into_mut(data: Bytes) -> BytesMut {
+    data.try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
 }
 
 /// Add actions requested from other contexts to the stream's own.

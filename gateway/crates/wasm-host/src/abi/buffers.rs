@@ -11,7 +11,7 @@ use crate::types::{Status, buffer};
 fn bytes_of(state: &HostState, which: i32) -> Result<Bytes, Status> {
     let body = |kind: BodyKind| -> Result<Bytes, Status> {
         match state.stream_ref().and_then(|s| s.body.as_ref()) {
-            Some((k, b)) if *k == kind => Ok(Bytes::copy_from_slice(b)),
+            Some((k, b)) if *k == kind => Ok(b.clone()),
             _ => Err(Status::NotFound),
         }
     };
@@ -95,7 +95,7 @@ fn set(
     out.extend_from_slice(&body[..start]);
     out.extend_from_slice(&data);
     out.extend_from_slice(&body[end..]);
-    *body = out;
+    *body = out.freeze();
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use weir_wasm_host::{
     Decision, FailPolicy, HostEnv, MetricValue, Plugin, PluginConfig, ResponseHead, filter_metrics,
@@ -244,7 +244,7 @@ async fn memory_grown_in_a_callback_is_reported() {
     let (_, live_before) = engine.live_vms();
     assert!(before > 0 && live_before >= before);
     // The guest copies the 4 MiB body twice: its memory must grow.
-    let mut body = BytesMut::from(&vec![b'a'; 4 << 20][..]);
+    let mut body = Bytes::from(vec![b'a'; 4 << 20]);
     assert_eq!(
         stream.on_request_body(&mut body, true).await,
         Decision::Continue
@@ -269,7 +269,7 @@ async fn held_body_is_visible_to_trailers() {
     let mut stream = p.new_stream(info());
     let mut head = request("/upload", &[]);
     stream.on_request_headers(&mut head, false).await;
-    let mut chunk = BytesMut::from(&b"ab"[..]);
+    let mut chunk = Bytes::from_static(b"ab");
     assert_eq!(
         stream.on_request_body(&mut chunk, false).await,
         Decision::StopIteration
@@ -300,13 +300,13 @@ async fn response_body_buffering_and_limit() {
     stream.on_request_headers(&mut head, true).await;
     let mut resp = std::sync::Arc::new(ResponseHead::default());
     stream.on_response_headers(&mut resp, false).await;
-    let mut a = BytesMut::from(&b"hello "[..]);
+    let mut a = Bytes::from_static(b"hello ");
     assert_eq!(
         stream.on_response_body(&mut a, false).await,
         Decision::StopIteration
     );
     assert!(a.is_empty(), "paused bytes are held by the host");
-    let mut b = BytesMut::from(&b"world"[..]);
+    let mut b = Bytes::from_static(b"world");
     assert_eq!(
         stream.on_response_body(&mut b, true).await,
         Decision::Continue
@@ -326,12 +326,12 @@ async fn response_body_buffering_and_limit() {
     let mut stream = p.new_stream(info());
     let mut head = request("/", &[]);
     stream.on_request_headers(&mut head, false).await;
-    let mut big = BytesMut::from(&vec![b'x'; 600 * 1024][..]);
+    let mut big = Bytes::from(vec![b'x'; 600 * 1024]);
     assert_eq!(
         stream.on_request_body(&mut big, false).await,
         Decision::StopIteration
     );
-    let mut big = BytesMut::from(&vec![b'x'; 600 * 1024][..]);
+    let mut big = Bytes::from(vec![b'x'; 600 * 1024]);
     match stream.on_request_body(&mut big, false).await {
         Decision::LocalReply(r) => {
             assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);

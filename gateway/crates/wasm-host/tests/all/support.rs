@@ -5,7 +5,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderValue};
 use weir_wasm_host::{
@@ -331,7 +331,7 @@ pub async fn body_chunks(stream: &mut HttpStream, chunks: &[&str]) -> (Vec<Decis
     let mut out = Vec::new();
     let mut decisions = Vec::new();
     for (i, c) in chunks.iter().enumerate() {
-        let mut buf = BytesMut::from(c.as_bytes());
+        let mut buf = Bytes::copy_from_slice(c.as_bytes());
         let d = stream
             .on_request_body(&mut buf, i + 1 == chunks.len())
             .await;
