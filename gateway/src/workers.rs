@@ -27,6 +27,24 @@ pub fn default_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// How far ahead a worker always has a timer due.
+///
+/// Tokio's timer wakes its own driver (a write to an eventfd, then one more `epoll_wait`)
+/// whenever a timer is armed that is due before the earliest one the driver knows of. Without
+/// a near timer, the earliest is a connection's idle timeout, so the timeouts every request
+/// arms (the header read timeout, the per-try timeout) would cost those two system calls on
+/// every request. With a timer always due within this horizon, they cost them once a horizon.
+const TIMER_HORIZON: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Keep a timer due within [`TIMER_HORIZON`] on this worker, forever.
+async fn keep_a_timer_due() {
+    let mut tick = tokio::time::interval(TIMER_HORIZON);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
+}
+
 /// The running workers. Dropping this stops them; connections still open on them are closed.
 pub struct Workers {
     handles: Vec<Handle>,
@@ -49,7 +67,12 @@ impl Workers {
                 .spawn(move || {
                     INDEX.with(|i| i.set(Some(index)));
                     weir_wasm_host::set_stream_thread_number(index);
-                    runtime.block_on(crate::flag_set(&mut stopped));
+                    runtime.block_on(async {
+                        tokio::select! {
+                            () = crate::flag_set(&mut stopped) => {}
+                            () = keep_a_timer_due() => {}
+                        }
+                    });
                     // Dropping the runtime here cancels the tasks left on this worker.
                 })?;
         }
