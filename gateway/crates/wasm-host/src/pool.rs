@@ -19,6 +19,10 @@ use crate::stream::{RequestHead, ResponseHead, StreamInfo};
 /// in most deployments; beyond it, objects are freed.
 pub const KEEP: usize = 256;
 
+/// A head whose path or authority took more room than this is not kept: a rare huge request
+/// line should not pin its memory in every list.
+const KEEP_STRING_CAPACITY: usize = 4096;
+
 struct Lists {
     /// Boxed: a stream holds its context in a box, which is what is reused.
     #[allow(clippy::vec_box)]
@@ -67,7 +71,8 @@ pub fn response_head() -> Arc<ResponseHead> {
         .unwrap_or_default()
 }
 
-/// A stream facts record to fill (its previous contents are still there: overwrite them all).
+/// A stream facts record to fill (overwrite every field: addresses and times are left from its
+/// last use).
 pub fn stream_info() -> Arc<StreamInfo> {
     with(|l| l.infos.pop()).flatten().unwrap_or_default()
 }
@@ -77,6 +82,9 @@ pub fn give_request_head(mut head: Arc<RequestHead>) {
     let Some(h) = Arc::get_mut(&mut head) else {
         return;
     };
+    if h.path.capacity() > KEEP_STRING_CAPACITY || h.authority.capacity() > KEEP_STRING_CAPACITY {
+        return;
+    }
     // The headers are freed: a map cannot be copied into without hashing every name again,
     // which costs more than allocating a new one.
     h.headers = HeaderMap::new();
@@ -99,9 +107,18 @@ pub fn give_response_head(mut head: Arc<ResponseHead>) {
 
 /// Give stream facts back: kept if this was their last reference.
 pub fn give_stream_info(mut info: Arc<StreamInfo>) {
-    if Arc::get_mut(&mut info).is_some() {
-        with(|l| keep(&mut l.infos, info));
-    }
+    let Some(i) = Arc::get_mut(&mut info) else {
+        return;
+    };
+    // Drop what points elsewhere: a request id read off the wire shares the connection's read
+    // buffer, and names keep an old route table's strings alive.
+    i.request_id = None;
+    i.tls = None;
+    i.route_name = crate::stream::empty_name();
+    i.cluster_name = crate::stream::empty_name();
+    i.listener_name = crate::stream::empty_name();
+    i.virtual_host_name = crate::stream::empty_name();
+    with(|l| keep(&mut l.infos, info));
 }
 
 /// A stream context from the list (reset by [`give_context`]), if there is one.
@@ -142,6 +159,33 @@ mod tests {
         assert_eq!(Arc::as_ptr(&again), addr);
         assert!(again.path.is_empty() && again.headers.is_empty());
         assert_eq!(again.path.capacity(), room);
+    }
+
+    #[test]
+    fn stream_facts_given_back_let_go_of_what_they_referenced() {
+        let id = http::HeaderValue::from_maybe_shared(bytes::Bytes::from_static(b"id-1")).unwrap();
+        let route: Arc<str> = Arc::from("route-a");
+        let mut info = stream_info();
+        let i = Arc::get_mut(&mut info).unwrap();
+        i.request_id = Some(id);
+        i.route_name = route.clone();
+        give_stream_info(info);
+        assert_eq!(
+            Arc::strong_count(&route),
+            1,
+            "the pooled record let go of the name"
+        );
+        let again = stream_info();
+        assert!(again.request_id.is_none());
+        assert_eq!(&*again.route_name, "");
+    }
+
+    #[test]
+    fn a_head_with_a_huge_path_is_not_kept() {
+        let mut head = request_head();
+        Arc::get_mut(&mut head).unwrap().path = "x".repeat(KEEP_STRING_CAPACITY + 1);
+        give_request_head(head);
+        assert!(request_head().path.capacity() <= KEEP_STRING_CAPACITY);
     }
 
     #[test]
