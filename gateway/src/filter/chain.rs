@@ -258,19 +258,10 @@ pub async fn on_response(
         s.set_response_flags(flags);
     }
     let (parts, mut body) = resp.into_parts();
-    let mut head = pool::response_head();
-    match Arc::get_mut(&mut head) {
-        Some(h) => {
-            h.status = parts.status;
-            h.headers = parts.headers;
-        }
-        None => {
-            head = Arc::new(ResponseHead {
-                status: parts.status,
-                headers: parts.headers,
-            });
-        }
-    }
+    let mut head = pool::response_head(|h| {
+        h.status = parts.status;
+        h.headers = parts.headers;
+    });
     let version = parts.version;
     let eos = body.is_end_stream();
     let n = guard.len();
@@ -478,25 +469,19 @@ pub fn finish(streams: Streams, flags: u64) {
 
 thread_local! {
     /// Stream lists of finished requests, empty, for the next requests of this thread.
-    static FREE_STREAMS: std::cell::RefCell<Vec<Streams>> = const { std::cell::RefCell::new(Vec::new()) };
+    static FREE_STREAMS: pool::FreeList<Streams> = const { pool::FreeList::new() };
 }
 
 /// The streams of a new request, in an allocation a finished request of this thread left.
 pub fn new_streams(list: impl IntoIterator<Item = HttpStream>) -> Streams {
-    let free = FREE_STREAMS
-        .try_with(|f| f.try_borrow_mut().ok()?.pop())
-        .ok()
-        .flatten();
-    match free {
-        Some(mut streams) => {
-            if let Some(slot) = Arc::get_mut(&mut streams) {
-                slot.get_mut().extend(list);
-                return streams;
-            }
-            Arc::new(Mutex::new(list.into_iter().collect()))
-        }
-        None => Arc::new(Mutex::new(list.into_iter().collect())),
+    // Only unique allocations are kept, so a reused one is writable.
+    if let Some(mut streams) = pool::take_from(&FREE_STREAMS)
+        && let Some(slot) = Arc::get_mut(&mut streams)
+    {
+        slot.get_mut().extend(list);
+        return streams;
     }
+    Arc::new(Mutex::new(list.into_iter().collect()))
 }
 
 /// Keep a finished request's streams allocation, if this was its last reference.
@@ -506,13 +491,7 @@ fn give_streams(mut streams: Streams) {
     };
     // Dropping the streams gives their contexts back to the host's pool.
     slot.get_mut().clear();
-    let _ = FREE_STREAMS.try_with(|f| {
-        if let Ok(mut f) = f.try_borrow_mut()
-            && f.len() < pool::KEEP
-        {
-            f.push(streams);
-        }
-    });
+    pool::give_to(&FREE_STREAMS, streams);
 }
 
 type Pending = Pin<Box<dyn Future<Output = Result<Vec<Frame<Bytes>>, BoxError>> + Send>>;

@@ -161,43 +161,30 @@ fn stream_info(
     start_time: std::time::SystemTime,
     req: &Request<Incoming>,
 ) -> Arc<StreamInfo> {
-    let info = StreamInfo {
-        source: Some(conn.remote),
-        destination: Some(conn.local),
-        connection_id: conn.id,
-        tls: conn.tls.then(|| TlsInfo {
-            sni: conn.sni.clone(),
-            ..Default::default()
-        }),
-        route_name: route.name.clone(),
-        cluster_name: empty_name(),
-        listener_name: conn.listener.clone(),
-        virtual_host_name: empty_name(),
-        request_id: Some(request_id),
-        start_time,
-        protocol: req.version(),
-    };
-    let mut pooled = pool::stream_info();
-    match Arc::get_mut(&mut pooled) {
-        Some(slot) => {
-            *slot = info;
-            pooled
+    pool::stream_info(|info| {
+        *info = StreamInfo {
+            source: Some(conn.remote),
+            destination: Some(conn.local),
+            connection_id: conn.id,
+            tls: conn.tls.then(|| TlsInfo {
+                sni: conn.sni.clone(),
+                ..Default::default()
+            }),
+            route_name: route.name.clone(),
+            cluster_name: empty_name(),
+            listener_name: conn.listener.clone(),
+            virtual_host_name: empty_name(),
+            request_id: Some(request_id),
+            start_time,
+            protocol: req.version(),
         }
-        None => Arc::new(info),
-    }
+    })
 }
 
 /// The request line and headers as the filters see them, in a head a finished request of
 /// this thread left (its strings keep their room). The headers move out of `parts`.
 fn request_head(parts: &mut http::request::Parts, tls: bool) -> Arc<RequestHead> {
-    let mut head = pool::request_head();
-    if Arc::get_mut(&mut head).is_none() {
-        head = Arc::default();
-    }
-    if let Some(h) = Arc::get_mut(&mut head) {
-        fill_request_head(h, parts, tls);
-    }
-    head
+    pool::request_head(|h| fill_request_head(h, parts, tls))
 }
 
 fn fill_request_head(h: &mut RequestHead, parts: &mut http::request::Parts, tls: bool) {

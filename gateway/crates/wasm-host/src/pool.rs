@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 use std::sync::Arc;
+use std::thread::LocalKey;
 
 use http::HeaderMap;
 
@@ -23,58 +24,80 @@ pub const KEEP: usize = 256;
 /// line should not pin its memory in every list.
 const KEEP_STRING_CAPACITY: usize = 4096;
 
-struct Lists {
-    /// Boxed: a stream holds its context in a box, which is what is reused.
-    #[allow(clippy::vec_box)]
-    contexts: Vec<Box<StreamCtx>>,
-    request_heads: Vec<Arc<RequestHead>>,
-    response_heads: Vec<Arc<ResponseHead>>,
-    infos: Vec<Arc<StreamInfo>>,
+/// A per-thread free list of at most [`KEEP`] objects; declare it in a `thread_local!` and
+/// use it with [`take_from`] and [`give_to`]. The gateway keeps its own lists this way too.
+pub struct FreeList<T>(RefCell<Vec<T>>);
+
+impl<T> FreeList<T> {
+    /// An empty list.
+    pub const fn new() -> Self {
+        Self(RefCell::new(Vec::new()))
+    }
 }
 
-thread_local! {
-    static LISTS: RefCell<Lists> = const {
-        RefCell::new(Lists {
-            contexts: Vec::new(),
-            request_heads: Vec::new(),
-            response_heads: Vec::new(),
-            infos: Vec::new(),
-        })
-    };
+impl<T> Default for FreeList<T> {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
-fn with<R>(f: impl FnOnce(&mut Lists) -> R) -> Option<R> {
-    // `try_with`: during thread teardown the lists may be gone; then nothing is pooled.
-    LISTS
-        .try_with(|l| l.try_borrow_mut().ok().map(|mut l| f(&mut l)))
+/// An object from this thread's `list`, if it has one. During thread teardown the list may be
+/// gone, and while it is in use (a drop giving back from inside a give-back) it is skipped:
+/// then the caller allocates.
+pub fn take_from<T>(list: &'static LocalKey<FreeList<T>>) -> Option<T> {
+    list.try_with(|l| l.0.try_borrow_mut().ok()?.pop())
         .ok()
         .flatten()
 }
 
-fn keep<T>(list: &mut Vec<T>, item: T) {
-    if list.len() < KEEP {
-        list.push(item);
+/// Keep `item` in this thread's `list`, unless the list is full or unavailable (then it is
+/// dropped).
+pub fn give_to<T>(list: &'static LocalKey<FreeList<T>>, item: T) {
+    let _ = list.try_with(|l| {
+        if let Ok(mut l) = l.0.try_borrow_mut()
+            && l.len() < KEEP
+        {
+            l.push(item);
+        }
+    });
+}
+
+thread_local! {
+    static CONTEXTS: FreeList<Box<StreamCtx>> = const { FreeList::new() };
+    static REQUEST_HEADS: FreeList<Arc<RequestHead>> = const { FreeList::new() };
+    static RESPONSE_HEADS: FreeList<Arc<ResponseHead>> = const { FreeList::new() };
+    static INFOS: FreeList<Arc<StreamInfo>> = const { FreeList::new() };
+}
+
+/// A request head filled by `fill`, in a head a finished request of this thread left (its
+/// strings come empty but keep their room).
+pub fn request_head(fill: impl FnOnce(&mut RequestHead)) -> Arc<RequestHead> {
+    filled(take_from(&REQUEST_HEADS), fill)
+}
+
+/// A response head filled by `fill`, reused like [`request_head`]'s.
+pub fn response_head(fill: impl FnOnce(&mut ResponseHead)) -> Arc<ResponseHead> {
+    filled(take_from(&RESPONSE_HEADS), fill)
+}
+
+/// Stream facts, reused like [`request_head`]'s. `fill` must set every field: addresses and
+/// times are left from the record's last use.
+pub fn stream_info(fill: impl FnOnce(&mut StreamInfo)) -> Arc<StreamInfo> {
+    filled(take_from(&INFOS), fill)
+}
+
+/// `reused` (only unique objects are kept, so it is writable) or a new default, filled.
+fn filled<T: Default>(reused: Option<Arc<T>>, fill: impl FnOnce(&mut T)) -> Arc<T> {
+    let mut item = reused.unwrap_or_default();
+    match Arc::get_mut(&mut item) {
+        Some(it) => fill(it),
+        None => {
+            let mut it = T::default();
+            fill(&mut it);
+            item = Arc::new(it);
+        }
     }
-}
-
-/// A request head to fill: its strings are empty but keep their capacity.
-pub fn request_head() -> Arc<RequestHead> {
-    with(|l| l.request_heads.pop())
-        .flatten()
-        .unwrap_or_default()
-}
-
-/// A response head to fill, empty.
-pub fn response_head() -> Arc<ResponseHead> {
-    with(|l| l.response_heads.pop())
-        .flatten()
-        .unwrap_or_default()
-}
-
-/// A stream facts record to fill (overwrite every field: addresses and times are left from its
-/// last use).
-pub fn stream_info() -> Arc<StreamInfo> {
-    with(|l| l.infos.pop()).flatten().unwrap_or_default()
+    item
 }
 
 /// Give a request head back: kept if this was its last reference.
@@ -92,7 +115,7 @@ pub fn give_request_head(mut head: Arc<RequestHead>) {
     h.path.clear();
     h.method = http::Method::GET;
     h.scheme = "http".into();
-    with(|l| keep(&mut l.request_heads, head));
+    give_to(&REQUEST_HEADS, head);
 }
 
 /// Give a response head back: kept if this was its last reference.
@@ -102,7 +125,7 @@ pub fn give_response_head(mut head: Arc<ResponseHead>) {
     };
     h.headers = HeaderMap::new();
     h.status = http::StatusCode::OK;
-    with(|l| keep(&mut l.response_heads, head));
+    give_to(&RESPONSE_HEADS, head);
 }
 
 /// Give stream facts back: kept if this was their last reference.
@@ -118,12 +141,12 @@ pub fn give_stream_info(mut info: Arc<StreamInfo>) {
     i.cluster_name = crate::stream::empty_name();
     i.listener_name = crate::stream::empty_name();
     i.virtual_host_name = crate::stream::empty_name();
-    with(|l| keep(&mut l.infos, info));
+    give_to(&INFOS, info);
 }
 
 /// A stream context from the list (reset by [`give_context`]), if there is one.
 pub(crate) fn context() -> Option<Box<StreamCtx>> {
-    with(|l| l.contexts.pop()).flatten()
+    take_from(&CONTEXTS)
 }
 
 /// Give a stream context back: what it references is given back too, the rest reset.
@@ -139,7 +162,7 @@ pub(crate) fn give_context(mut ctx: Box<StreamCtx>) {
         give_response_head(h);
     }
     ctx.reset();
-    with(|l| keep(&mut l.contexts, ctx));
+    give_to(&CONTEXTS, ctx);
 }
 
 #[cfg(test)]
@@ -148,14 +171,15 @@ mod tests {
 
     #[test]
     fn a_head_given_back_is_reused_empty_with_its_room() {
-        let mut head = request_head();
-        let h = Arc::get_mut(&mut head).unwrap();
-        h.path.push_str("/a/long/path/to/keep/room/for");
-        h.headers.insert("x-a", "1".parse().unwrap());
-        let room = h.path.capacity();
+        let mut room = 0;
+        let head = request_head(|h| {
+            h.path.push_str("/a/long/path/to/keep/room/for");
+            h.headers.insert("x-a", "1".parse().unwrap());
+            room = h.path.capacity();
+        });
         let addr = Arc::as_ptr(&head);
         give_request_head(head);
-        let again = request_head();
+        let again = request_head(|_| {});
         assert_eq!(Arc::as_ptr(&again), addr);
         assert!(again.path.is_empty() && again.headers.is_empty());
         assert_eq!(again.path.capacity(), room);
@@ -165,36 +189,35 @@ mod tests {
     fn stream_facts_given_back_let_go_of_what_they_referenced() {
         let id = http::HeaderValue::from_maybe_shared(bytes::Bytes::from_static(b"id-1")).unwrap();
         let route: Arc<str> = Arc::from("route-a");
-        let mut info = stream_info();
-        let i = Arc::get_mut(&mut info).unwrap();
-        i.request_id = Some(id);
-        i.route_name = route.clone();
+        let info = stream_info(|i| {
+            i.request_id = Some(id);
+            i.route_name = route.clone();
+        });
         give_stream_info(info);
         assert_eq!(
             Arc::strong_count(&route),
             1,
             "the pooled record let go of the name"
         );
-        let again = stream_info();
+        let again = stream_info(|_| {});
         assert!(again.request_id.is_none());
         assert_eq!(&*again.route_name, "");
     }
 
     #[test]
     fn a_head_with_a_huge_path_is_not_kept() {
-        let mut head = request_head();
-        Arc::get_mut(&mut head).unwrap().path = "x".repeat(KEEP_STRING_CAPACITY + 1);
+        let head = request_head(|h| h.path = "x".repeat(KEEP_STRING_CAPACITY + 1));
         give_request_head(head);
-        assert!(request_head().path.capacity() <= KEEP_STRING_CAPACITY);
+        assert!(request_head(|_| {}).path.capacity() <= KEEP_STRING_CAPACITY);
     }
 
     #[test]
     fn a_shared_head_is_not_kept() {
-        let head = response_head();
+        let head = response_head(|_| {});
         let other = head.clone();
         let addr = Arc::as_ptr(&head);
         give_response_head(head);
-        assert_ne!(Arc::as_ptr(&response_head()), addr);
+        assert_ne!(Arc::as_ptr(&response_head(|_| {})), addr);
         assert_eq!(other.status, http::StatusCode::OK);
     }
 }
