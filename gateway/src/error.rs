@@ -36,6 +36,11 @@ pub enum ProxyError {
     /// The downstream request is malformed (`DPE`).
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The filters changed a streaming request body's length while keeping its
+    /// `content-length`: the upstream request was cut off. Not the upstream's fault: neither
+    /// retried nor counted against the endpoint.
+    #[error("{0}")]
+    FilterBodyLength(crate::filter::chain::LengthChanged),
 }
 
 impl ProxyError {
@@ -50,6 +55,7 @@ impl ProxyError {
             | ProxyError::Reset(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::FilterBodyLength(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -64,6 +70,7 @@ impl ProxyError {
             ProxyError::Reset(_) => "UC",
             ProxyError::Timeout => "UT",
             ProxyError::BadRequest(_) => "DPE",
+            ProxyError::FilterBodyLength(_) => "",
         }
     }
 
@@ -80,6 +87,7 @@ impl ProxyError {
             ProxyError::Reset(_) => "upstream_reset_before_response_started{remote_reset}",
             ProxyError::Timeout => "upstream_response_timeout",
             ProxyError::BadRequest(_) => "http1.codec_error",
+            ProxyError::FilterBodyLength(_) => "wasm_body_length_changed",
         }
     }
 
@@ -96,6 +104,7 @@ impl ProxyError {
             ProxyError::Reset(e) => format!("upstream connect error or disconnect/reset before headers. reset reason: {e}\n"),
             ProxyError::Timeout => "upstream request timeout\n".to_string(),
             ProxyError::BadRequest(why) => format!("bad request: {why}\n"),
+            ProxyError::FilterBodyLength(_) => "filter changed the request body's length\n".to_string(),
         };
         let mut resp = Response::new(full(body.clone()));
         *resp.status_mut() = self.status();

@@ -3,11 +3,14 @@
 //!
 //! Two modes per direction. When every filter continues on the headers, bodies stream: each
 //! chunk runs through the filters as it passes (`FilteredBody`), and a filter that pauses on a
-//! chunk keeps it in the host until it continues. A response whose body has already arrived
-//! whole when its headers are through runs its body callbacks at once and goes out with a
-//! `content-length`. When a filter pauses on the headers, the body is buffered (up to
+//! chunk keeps it in the host until it continues. A streaming body keeps the `content-length`
+//! the filters left, as in Envoy: a filter that changes a body's length must remove it in its
+//! headers callback, and a body that no longer matches it is cut off (`LengthChanged`) rather
+//! than sent malformed. A response whose body has already arrived whole when its headers are
+//! through runs its body callbacks at once and goes out with a `content-length` of what the
+//! filters left. When a filter pauses on the headers, the body is buffered (up to
 //! `BODY_BUFFER_LIMIT`) and handed to it, and to the filters after it, in one piece, as Envoy
-//! does when a body arrives in one read.
+//! does when a body arrives in one read; it goes on with its new length.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -52,6 +55,30 @@ pub enum RequestVerdict {
 #[derive(Debug, thiserror::Error)]
 #[error("a filter reset the stream")]
 pub struct FilterReset;
+
+/// Why a streaming body was cut short: the filters changed its length while the
+/// `content-length` they left announces another. As in Envoy, a filter that changes a body's
+/// length as it streams must remove `content-length` in its headers callback; Weir resets the
+/// stream rather than send a body its headers contradict.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the filters changed the body's length while keeping its content-length ({announced} bytes): \
+     a filter that changes a body's length must remove content-length in its headers callback"
+)]
+pub struct LengthChanged {
+    /// The `content-length` that went out.
+    pub announced: u64,
+}
+
+/// The one `content-length` of `headers`, if it has a valid one.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let v = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    std::str::from_utf8(v.as_bytes()).ok()?.parse().ok()
+}
 
 /// A local reply as a response.
 pub fn reply_response(r: &LocalReply) -> Response<ProxyBody> {
@@ -107,11 +134,11 @@ pub async fn on_request(
     let Some(paused) = paused_at else {
         let route_cache_cleared = cleared(&guard);
         drop(guard);
-        // The filters may change the body's length as it streams.
+        // The body streams through the filters, kept to the content-length they left.
         let body = if eos {
             body
         } else {
-            FilteredBody::request(streams.clone(), body)
+            FilteredBody::request(streams.clone(), body, content_length(&head.headers))
         };
         return Ok(RequestVerdict::Forward {
             body,
@@ -287,28 +314,26 @@ pub async fn on_response(
         }
         // The first chunk, if it is already here (it usually came in the same read as the
         // headers): a body that is complete need not stream.
+        // A body that streams keeps the content-length the filters left, as in Envoy.
+        let announced = content_length(&head.1);
         let (first, ended) = match body.frame().now_or_never() {
-            None => {
-                drop(guard);
-                let body = FilteredBody::response(streams.clone(), body, None);
-                return ResponseVerdict::Send(respond(head, version, body, Length::MayChange));
-            }
             Some(Some(Ok(frame))) => match frame.into_data() {
-                Ok(data) => (data, false),
-                Err(frame) => {
-                    // Trailers (or another frame) first: stream them through the chain.
-                    drop(guard);
-                    let body = FilteredBody::response(streams.clone(), body, Some(Ok(frame)));
-                    return ResponseVerdict::Send(respond(head, version, body, Length::MayChange));
-                }
+                Ok(data) => (Ok(data), false),
+                // Trailers (or another frame) first: they stream through the chain.
+                Err(frame) => (Err(Some(Ok(frame))), false),
             },
-            Some(Some(Err(e))) => {
-                drop(guard);
-                let body = FilteredBody::response(streams.clone(), body, Some(Err(e)));
-                return ResponseVerdict::Send(respond(head, version, body, Length::MayChange));
-            }
             // Ended without a chunk: the filters see an empty end of stream.
-            Some(None) => (Bytes::new(), true),
+            Some(None) => (Ok(Bytes::new()), true),
+            Some(Some(Err(e))) => (Err(Some(Err(e))), false),
+            None => (Err(None), false),
+        };
+        let first = match first {
+            Ok(data) => data,
+            Err(unfiltered) => {
+                drop(guard);
+                let body = FilteredBody::response(streams.clone(), body, unfiltered, announced);
+                return ResponseVerdict::Send(respond(head, version, body, Length::Unchanged));
+            }
         };
         let end = ended || body.is_end_stream();
         let mut buf = first;
@@ -324,8 +349,8 @@ pub async fn on_response(
             return ResponseVerdict::Send(respond(head, version, full(buf), length));
         }
         let filtered = (!buf.is_empty()).then(|| Frame::data(buf));
-        let body = FilteredBody::response_after(streams.clone(), body, filtered);
-        return ResponseVerdict::Send(respond(head, version, body, Length::MayChange));
+        let body = FilteredBody::response_after(streams.clone(), body, filtered, announced);
+        return ResponseVerdict::Send(respond(head, version, body, Length::Unchanged));
     };
     let Some(data) = collect(body, BODY_BUFFER_LIMIT).await else {
         let r = LocalReply {
@@ -372,10 +397,9 @@ pub async fn on_response(
 
 /// What the gateway knows of a response body's length after the filters.
 enum Length {
-    /// As the upstream sent it: keep its `content-length`.
+    /// As the filters left it: keep the `content-length` of the head (a streaming body is
+    /// kept to it).
     Unchanged,
-    /// It streams through filters that may change it: no `content-length`.
-    MayChange,
     /// Known in full.
     Exactly(usize),
 }
@@ -402,10 +426,6 @@ fn respond(
     *r.version_mut() = version;
     match length {
         Length::Unchanged => {}
-        Length::MayChange => {
-            r.headers_mut().remove(http::header::CONTENT_LENGTH);
-            r.headers_mut().remove(http::header::TRANSFER_ENCODING);
-        }
         Length::Exactly(n) => {
             r.headers_mut().remove(http::header::TRANSFER_ENCODING);
             let told = r.headers().get(http::header::CONTENT_LENGTH);
@@ -514,12 +534,17 @@ pub struct FilteredBody {
     pending: Option<std::sync::Mutex<Pending>>,
     ready: std::collections::VecDeque<Frame<Bytes>>,
     done: bool,
+    /// The `content-length` that went out with the headers, if one did.
+    announced: Option<u64>,
+    /// Bytes of data passed on so far.
+    sent: u64,
 }
 
 impl FilteredBody {
-    /// The downstream request body, through the chain in order.
-    pub fn request(streams: Streams, inner: ProxyBody) -> ProxyBody {
-        FilteredBody::new(streams, inner, Direction::Request).boxed()
+    /// The downstream request body, through the chain in order. `announced`: the
+    /// `content-length` the upstream request goes out with, which the body is kept to.
+    pub fn request(streams: Streams, inner: ProxyBody, announced: Option<u64>) -> ProxyBody {
+        FilteredBody::new(streams, inner, Direction::Request, announced).boxed()
     }
 
     /// The upstream response body, through the chain in reverse order, starting with
@@ -528,8 +553,9 @@ impl FilteredBody {
         streams: Streams,
         inner: ProxyBody,
         unfiltered: Option<Result<Frame<Bytes>, BoxError>>,
+        announced: Option<u64>,
     ) -> ProxyBody {
-        let mut body = FilteredBody::new(streams, inner, Direction::Response);
+        let mut body = FilteredBody::new(streams, inner, Direction::Response, announced);
         body.unfiltered = unfiltered;
         body.boxed()
     }
@@ -540,13 +566,19 @@ impl FilteredBody {
         streams: Streams,
         inner: ProxyBody,
         filtered: Option<Frame<Bytes>>,
+        announced: Option<u64>,
     ) -> ProxyBody {
-        let mut body = FilteredBody::new(streams, inner, Direction::Response);
+        let mut body = FilteredBody::new(streams, inner, Direction::Response, announced);
         body.ready.extend(filtered);
         body.boxed()
     }
 
-    fn new(streams: Streams, inner: ProxyBody, direction: Direction) -> FilteredBody {
+    fn new(
+        streams: Streams,
+        inner: ProxyBody,
+        direction: Direction,
+        announced: Option<u64>,
+    ) -> FilteredBody {
         FilteredBody {
             inner,
             streams,
@@ -555,7 +587,41 @@ impl FilteredBody {
             pending: None,
             ready: Default::default(),
             done: false,
+            announced,
+            sent: 0,
         }
+    }
+
+    /// Pass `frame` on, unless its data goes past the announced length.
+    fn pass(&mut self, frame: Frame<Bytes>) -> Result<Frame<Bytes>, BoxError> {
+        if let (Some(announced), Some(data)) = (self.announced, frame.data_ref()) {
+            self.sent += data.len() as u64;
+            if self.sent > announced {
+                return Err(self.length_changed(announced));
+            }
+        }
+        Ok(frame)
+    }
+
+    /// The body ends: it must have been as long as announced.
+    fn end(&mut self) -> Option<Result<Frame<Bytes>, BoxError>> {
+        match self.announced {
+            Some(announced) if self.sent != announced => Some(Err(self.length_changed(announced))),
+            _ => None,
+        }
+    }
+
+    fn length_changed(&mut self, announced: u64) -> BoxError {
+        self.done = true;
+        self.announced = None;
+        self.ready.clear();
+        let e = LengthChanged { announced };
+        let side = match self.direction {
+            Direction::Request => "request",
+            Direction::Response => "response",
+        };
+        tracing::warn!("{side} stream reset: {e}");
+        Box::new(e)
     }
 }
 
@@ -621,7 +687,7 @@ impl Body for FilteredBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         loop {
             if let Some(frame) = self.ready.pop_front() {
-                return Poll::Ready(Some(Ok(frame)));
+                return Poll::Ready(Some(self.pass(frame)));
             }
             if let Some(p) = self.pending.as_mut() {
                 let p = p
@@ -636,12 +702,13 @@ impl Body for FilteredBody {
                     }
                     Err(e) => {
                         self.done = true;
+                        self.announced = None;
                         return Poll::Ready(Some(Err(e)));
                     }
                 }
             }
             if self.done {
-                return Poll::Ready(None);
+                return Poll::Ready(self.end());
             }
             let next = match self.unfiltered.take() {
                 Some(frame) => Some(frame),

@@ -84,10 +84,15 @@ pub async fn serve(
     // theirs, so this copies the method and headers (the rest is only compared).
     parts.method = head.method.clone();
     parts.headers = head.headers.clone();
-    if !body.is_end_stream() {
-        // The filters may change the body's length.
-        parts.headers.remove(header::CONTENT_LENGTH);
-        parts.headers.remove(header::TRANSFER_ENCODING);
+    // A body the filters had whole goes on with its length as they left it. One that streams
+    // through them keeps the content-length they left (`FilteredBody` keeps to it), or is
+    // chunked without one.
+    if let Some(n) = body.size_hint().exact()
+        && (n > 0 || parts.headers.contains_key(header::CONTENT_LENGTH))
+    {
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     let absolute = parts.uri.authority().is_some();
     let unchanged = parts.uri.path_and_query().map_or("/", |p| p.as_str()) == head.path

@@ -19,6 +19,7 @@ use super::logged_body::{CountingBody, Finish};
 use super::service::{ConnInfo, buffer_body, strip_hop_by_hop};
 use crate::body::{ProxyBody, empty, full};
 use crate::error::ProxyError;
+use crate::filter::chain::LengthChanged;
 use crate::route::table::{Backend, Route};
 use crate::upstream::cluster::{Cluster, PickContext};
 use crate::upstream::connector::ConnectError;
@@ -256,7 +257,12 @@ pub async fn forward(
         };
         if let Some(AttemptError { failure, error }) = &failure {
             finish.upstream = Some(ep.addr);
-            let gateway_error = !matches!(error, ProxyError::Overflow);
+            // Neither an overflow nor the filters' fault counts against the endpoint.
+            let own_fault = matches!(
+                error,
+                ProxyError::Overflow | ProxyError::FilterBodyLength(_)
+            );
+            let gateway_error = !own_fault;
             if gateway_error {
                 cluster.record_outcome(&ep, true, true);
             }
@@ -277,7 +283,7 @@ pub async fn forward(
             }
             let retry = may_retry
                 && attempt < policy.attempts
-                && !matches!(error, ProxyError::Overflow)
+                && !own_fault
                 && policy.retriable(*failure)
                 && !deadline_passed(deadline)
                 && retry_allowed(cluster, policy, deadline);
@@ -428,6 +434,12 @@ fn legacy_error(e: &hyper_util::client::legacy::Error) -> AttemptError {
 }
 
 fn hyper_error(e: &hyper::Error) -> AttemptError {
+    if let Some(l) = find_source::<LengthChanged>(e) {
+        return AttemptError {
+            failure: Failure::Reset,
+            error: ProxyError::FilterBodyLength(l.clone()),
+        };
+    }
     if let Some(h2) = find_source::<h2::Error>(e)
         && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
     {

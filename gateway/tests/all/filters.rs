@@ -239,7 +239,100 @@ async fn filtered_responses_keep_their_length_or_stream() {
             r.body.len(),
             r.headers
         );
+        // It keeps the upstream's content-length, as in Envoy, however it arrived.
+        assert_length_announced(&r);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_body_keeps_its_content_length_unless_a_filter_drops_it() {
+    // Responses: a body that streams through a filter that changes its length.
+    let plugins = format!(
+        "  - {{ name: drops, module: \"{g}\", config: buffer-resp }}\n  - {{ name: keeps, module: \"{g}\", vm_id: k, config: \"buffer-resp,keep-length\" }}\n",
+        g = guest("http").display()
+    );
+    let routes = "  - { name: drops, match: { path: { prefix: /drops } }, filters: [drops], backends: [ { cluster: up } ] }\n  - { name: keeps, match: { path: { prefix: /keeps } }, filters: [keeps], backends: [ { cluster: up } ] }\n";
+    let slow = trickling_upstream(true).await;
+    let gw = gateway(&cfg(&plugins, routes, slow, "")).await;
+    let addr = gw.addr("main").await;
+    // The filter drops the content-length: the longer body goes out chunked.
+    let r = get(addr, "x", "/drops", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 5005, "{:?}", r.headers);
+    assert!(r.body.ends_with("e-tail"));
+    assert!(r.headers.get("content-length").is_none(), "{:?}", r.headers);
+    // The filter keeps it: the response is cut off rather than sent longer than it says.
+    let req = http::Request::get(format!("http://{addr}/keeps"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.headers()["content-length"], "5000");
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+    assert!(
+        body.is_err(),
+        "a body longer than its content-length went out"
+    );
+
+    // Requests: the body comes in two pieces, so it streams through the filters.
+    let up = upstream("up", Behavior::default()).await;
+    let plugins = format!(
+        "  - {{ name: n, module: \"builtin:noop\" }}\n  - {{ name: drops, module: \"{g}\", config: buffer }}\n  - {{ name: keeps, module: \"{g}\", vm_id: k, config: \"buffer,keep-length\" }}\n",
+        g = guest("http").display()
+    );
+    let routes = "  - { name: noop, match: { path: { prefix: /noop } }, filters: [n], backends: [ { cluster: up } ] }\n  - { name: drops, match: { path: { prefix: /drops } }, filters: [drops], backends: [ { cluster: up } ] }\n  - { name: keeps, match: { path: { prefix: /keeps } }, filters: [keeps], backends: [ { cluster: up } ] }\n";
+    let gw = gateway(&cfg(&plugins, routes, up.addr, "")).await;
+    let addr = gw.addr("main").await;
+    // Through a filter that leaves the body alone, the upstream gets the content-length.
+    let (status, body) = post_in_pieces(addr, "/noop", ["hello", " body"]).await;
+    assert_eq!(status, 200, "{body}");
+    let j: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(j["body"], "hello body");
+    assert_eq!(j["headers"]["content-length"], "10", "{j}");
+    assert!(j["headers"].get("transfer-encoding").is_none(), "{j}");
+    // A filter that changes the length and drops the header: chunked, whole.
+    let (status, body) = post_in_pieces(addr, "/drops", ["hello", " body"]).await;
+    assert_eq!(status, 200, "{body}");
+    let j: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(j["body"], "HELLO BODY!10");
+    assert_eq!(j["headers"]["transfer-encoding"], "chunked", "{j}");
+    // One that keeps it: the request is cut off rather than sent longer than it says (the
+    // upstream, given the first 10 bytes, would have answered 200).
+    let (status, body) = post_in_pieces(addr, "/keeps", ["hello", " body"]).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body, "filter changed the request body's length\n");
+}
+
+/// POST `pieces` to `path` with a `content-length` of their total length, 50 ms apart, on a
+/// connection of its own; the status and body of the response (read to the connection's end).
+async fn post_in_pieces(
+    addr: std::net::SocketAddr,
+    path: &str,
+    pieces: [&str; 2],
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let len: usize = pieces.iter().map(|p| p.len()).sum();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {len}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    for p in pieces {
+        s.write_all(p.as_bytes()).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut out = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(20), s.read_to_end(&mut out))
+        .await
+        .expect("response timed out")
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
 }
 
 /// An HTTP/1.1 upstream that answers every request with `content-length: 5000` and sends the

@@ -237,6 +237,11 @@ impl HttpContext for Http {
                 return Action::Pause;
             }
         }
+        if self.has("buffer") && !self.has("keep-length") {
+            // The body's length will change: as filters written for Envoy do, drop the
+            // content-length ("keep-length": a filter that forgets to).
+            self.set_http_request_header("content-length", None);
+        }
         self.set_property(vec!["weir", "color"], Some(b"blue"));
         let time = self.get_current_time();
         assert!(time.elapsed().unwrap_or_default() < Duration::from_secs(3600));
@@ -320,6 +325,9 @@ impl HttpContext for Http {
             self.set_http_response_header(":status", Some("201"));
         }
         self.set_http_response_header("server", None);
+        if self.has("buffer-resp") && !self.has("keep-length") {
+            self.set_http_response_header("content-length", None);
+        }
         if self.has("hold-resp") {
             // Envoy buffers the body while a filter holds the headers; it gets it whole.
             return Action::Pause;
