@@ -276,10 +276,10 @@ async fn a_streaming_body_keeps_its_content_length_unless_a_filter_drops_it() {
     // Requests: the body comes in two pieces, so it streams through the filters.
     let up = upstream("up", Behavior::default()).await;
     let plugins = format!(
-        "  - {{ name: n, module: \"builtin:noop\" }}\n  - {{ name: drops, module: \"{g}\", config: buffer }}\n  - {{ name: keeps, module: \"{g}\", vm_id: k, config: \"buffer,keep-length\" }}\n",
+        "  - {{ name: n, module: \"builtin:noop\" }}\n  - {{ name: drops, module: \"{g}\", config: buffer }}\n  - {{ name: keeps, module: \"{g}\", vm_id: k, config: \"buffer,keep-length\" }}\n  - {{ name: empties, module: \"{g}\", vm_id: e, config: empty-body }}\n",
         g = guest("http").display()
     );
-    let routes = "  - { name: noop, match: { path: { prefix: /noop } }, filters: [n], backends: [ { cluster: up } ] }\n  - { name: drops, match: { path: { prefix: /drops } }, filters: [drops], backends: [ { cluster: up } ] }\n  - { name: keeps, match: { path: { prefix: /keeps } }, filters: [keeps], backends: [ { cluster: up } ] }\n";
+    let routes = "  - { name: noop, match: { path: { prefix: /noop } }, filters: [n], backends: [ { cluster: up } ] }\n  - { name: drops, match: { path: { prefix: /drops } }, filters: [drops], backends: [ { cluster: up } ] }\n  - { name: keeps, match: { path: { prefix: /keeps } }, filters: [keeps], backends: [ { cluster: up } ] }\n  - { name: empties, match: { path: { exact: /pause } }, filters: [empties], backends: [ { cluster: up } ] }\n";
     let gw = gateway(&cfg(&plugins, routes, up.addr, "")).await;
     let addr = gw.addr("main").await;
     // Through a filter that leaves the body alone, the upstream gets the content-length.
@@ -300,6 +300,13 @@ async fn a_streaming_body_keeps_its_content_length_unless_a_filter_drops_it() {
     let (status, body) = post_in_pieces(addr, "/keeps", ["hello", " body"]).await;
     assert_eq!(status, 500, "{body}");
     assert_eq!(body, "filter changed the request body's length\n");
+    // A filter that holds the headers has the body whole: it goes on with the length the
+    // filter left, even none.
+    let (status, body) = post_in_pieces(addr, "/pause", ["hello", " body"]).await;
+    assert_eq!(status, 200, "{body}");
+    let j: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(j["body"], "");
+    assert_eq!(j["headers"]["content-length"], "0", "{j}");
 }
 
 /// POST `pieces` to `path` with a `content-length` of their total length, 50 ms apart, on a

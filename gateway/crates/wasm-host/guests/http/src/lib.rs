@@ -256,6 +256,13 @@ impl HttpContext for Http {
 
     fn on_http_request_body(&mut self, size: usize, eos: bool) -> Action {
         hostcalls::record_metric(self.metrics.hist, size as u64).unwrap();
+        if self.has("empty-body") {
+            if !eos {
+                return Action::Pause;
+            }
+            self.set_http_request_body(0, size, b"");
+            return Action::Continue;
+        }
         if !self.has("buffer") {
             return Action::Continue;
         }
