@@ -471,3 +471,48 @@ async fn a_reset_before_the_response_is_retried_with_reset() {
     assert_eq!(r.body, "ok");
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_abort_uploads_do_not_eject_the_endpoint() {
+    use tokio::io::AsyncWriteExt;
+    let up = upstream("up", Behavior::default()).await;
+    let cfg = format!(
+        "{}routes:
+  - {{ name: r, backends: [ {{ cluster: c }} ], retries: {{ attempts: 2, on: [reset, 5xx] }} }}
+clusters:
+  - name: c
+    endpoints: [ {} ]
+    outlier_detection: {{ consecutive_5xx: 2, base_ejection_time: 30s, max_ejection_percent: 100 }}
+",
+        base(),
+        eps(&[up.addr])
+    );
+    let gw = gateway(&cfg).await;
+    let addr = gw.addr("main").await;
+    // Each client announces 1,000 bytes, sends 5 and goes away: the upstream, which has the
+    // headers, sees the request cut, through no fault of its own.
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\nhello")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let clusters = admin_get(gw.admin(), "/clusters").await.json();
+    assert_eq!(
+        clusters["clusters"][0]["endpoints"][0]["ejected"], false,
+        "{clusters}"
+    );
+    assert_eq!(get(addr, "x", "/", &[]).await.status, 200);
+    let m = admin_get(gw.admin(), "/metrics").await.body;
+    assert!(
+        m.contains("weir_cluster_ejections_total{cluster=\"c\"} 0"),
+        "{m}"
+    );
+    assert!(
+        m.contains("weir_cluster_retries_total{cluster=\"c\"} 0"),
+        "a cut upload is not retried: {m}"
+    );
+}
