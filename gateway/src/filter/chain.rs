@@ -313,9 +313,8 @@ pub async fn on_response(
             return ResponseVerdict::Send(respond(head, version, body, Length::Unchanged));
         }
         // The first chunk, if it is already here (it usually came in the same read as the
-        // headers): a body that is complete need not stream.
-        // A body that streams keeps the content-length the filters left, as in Envoy.
-        let announced = content_length(&head.1);
+        // headers): a body that is complete need not stream. One that streams keeps the
+        // content-length the filters left, as in Envoy.
         let (first, ended) = match body.frame().now_or_never() {
             Some(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => (Ok(data), false),
@@ -331,6 +330,7 @@ pub async fn on_response(
             Ok(data) => data,
             Err(unfiltered) => {
                 drop(guard);
+                let announced = content_length(&head.1);
                 let body = FilteredBody::response(streams.clone(), body, unfiltered, announced);
                 return ResponseVerdict::Send(respond(head, version, body, Length::Unchanged));
             }
@@ -349,6 +349,7 @@ pub async fn on_response(
             return ResponseVerdict::Send(respond(head, version, full(buf), length));
         }
         let filtered = (!buf.is_empty()).then(|| Frame::data(buf));
+        let announced = content_length(&head.1);
         let body = FilteredBody::response_after(streams.clone(), body, filtered, announced);
         return ResponseVerdict::Send(respond(head, version, body, Length::Unchanged));
     };
