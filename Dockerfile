@@ -2,7 +2,12 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --profile dist --locked -p weir
+# The built-in filters (`module: builtin:NAME`) are compiled to wasm32-wasip1 and embedded:
+# without the target, build.rs leaves them out.
+RUN rustup target add wasm32-wasip1 \
+ && cargo build --profile dist --locked -p weir \
+ && printf 'plugins:\n  - { name: n, module: "builtin:noop" }\n' > /tmp/builtin.yaml \
+ && target/dist/weir validate /tmp/builtin.yaml
 
 FROM debian:bookworm-slim
 RUN apt-get update \
