@@ -15,8 +15,8 @@ use crate::config::FailPolicy;
 use crate::error::CallError;
 use crate::grpc_stream::{Delivery, Inbox};
 use crate::host_env::CallResponse;
-use crate::plugin::{Plugin, deliver_callout};
-use crate::state::{Actions, BodyKind, Parked, Phase, RootSpec, StreamCtx};
+use crate::plugin::{Plugin, Slot, deliver_callout};
+use crate::state::{Actions, BodyKind, NewCallout, Parked, Phase, RootSpec, StreamCtx};
 use crate::vm::{Failure, HeadersFn, Vm};
 
 /// The request line and headers. The guest sees `method`, `scheme`, `authority` and `path` as
@@ -426,22 +426,15 @@ impl HttpStream {
         state.effective = 0;
         // Most callbacks issue no callout: leave the (empty) vector alone.
         if !state.new_callouts.is_empty() {
-            for c in std::mem::take(&mut state.new_callouts) {
-                if c.owner == id {
-                    match tokio::runtime::Handle::try_current() {
-                        Ok(rt) => self.pending.get_or_insert_with(Pending::new).push(Callout {
-                            token: c.token,
-                            task: rt.spawn(c.future),
-                        }),
-                        Err(_) => tracing::warn!(
-                            plugin = %spec.plugin_name,
-                            "wasm callout dropped: no tokio runtime"
-                        ),
-                    }
-                } else {
-                    group.spawn_root_callout(self.replica, generation, c);
-                }
-            }
+            let callouts = std::mem::take(&mut state.new_callouts);
+            start_callouts(
+                &mut self.pending,
+                &self.plugin,
+                self.replica,
+                callouts,
+                id,
+                generation,
+            );
         }
         if create {
             self.lifecycle = Lifecycle::Active;
@@ -454,11 +447,19 @@ impl HttpStream {
                 Ok(v)
             }
             Err(f) => {
-                tracing::warn!(plugin = %spec.plugin_name, "wasm filter failed: {f}");
-                group.fail(self.replica, &mut slot, spec.fail, &f);
+                self.failed(&mut slot, &f);
                 Err(())
             }
         }
+    }
+
+    /// A guest call failed: log it and apply the plugin's failure policy to the replica.
+    #[cold]
+    #[inline(never)]
+    fn failed(&self, slot: &mut Slot, f: &Failure) {
+        let spec = &self.plugin.root;
+        tracing::warn!(plugin = %spec.plugin_name, "wasm filter failed: {f}");
+        self.plugin.group.fail(self.replica, slot, spec.fail, f);
     }
 
     /// Run a stream callback: create the context first if needed. The callback is passed as a
@@ -981,6 +982,37 @@ async fn next_callout(
     match pending {
         Some(p) => p.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Start the callouts a callback of context `id` issued: the stream's own (into `pending`), and
+/// its root context's. Out of line and cold, as most callbacks issue none: the calling machinery
+/// stays compact.
+#[cold]
+#[inline(never)]
+fn start_callouts(
+    pending: &mut Option<Pending>,
+    plugin: &Plugin,
+    replica: usize,
+    callouts: Vec<NewCallout>,
+    id: u32,
+    generation: u64,
+) {
+    for c in callouts {
+        if c.owner == id {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => pending.get_or_insert_with(Pending::new).push(Callout {
+                    token: c.token,
+                    task: rt.spawn(c.future),
+                }),
+                Err(_) => tracing::warn!(
+                    plugin = %plugin.root.plugin_name,
+                    "wasm callout dropped: no tokio runtime"
+                ),
+            }
+        } else {
+            plugin.group.spawn_root_callout(replica, generation, c);
+        }
     }
 }
 

@@ -145,7 +145,9 @@ impl Drop for Vm {
 /// With three filters, one in 16 cost a request 1.5 such calls.
 pub const CPU_SAMPLE_EVERY: u32 = 128;
 
-/// CPU time the calling thread has used.
+/// CPU time the calling thread has used (sampled: cold).
+#[cold]
+#[inline(never)]
 fn thread_cpu_time() -> Duration {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
     Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
@@ -299,15 +301,20 @@ impl Vm {
             stats.callback_cpu_nanos.record(used.as_nanos() as u64);
         }
         self.report_memory();
-        r.map_err(|e| {
-            let failure = classify(&e, self.store.data().limiter.hit);
-            match &failure {
-                Failure::Interrupted => stats.interruptions.fetch_add(1, Ordering::Relaxed),
-                Failure::MemoryCap => stats.memory_cap_hits.fetch_add(1, Ordering::Relaxed),
-                Failure::Trap(_) => stats.traps.fetch_add(1, Ordering::Relaxed),
-            };
-            failure
-        })
+        r.map_err(|e| self.failure(&e, stats))
+    }
+
+    /// Classify a failed guest call and count it.
+    #[cold]
+    #[inline(never)]
+    fn failure(&self, e: &wasmtime::Error, stats: &PluginStats) -> Failure {
+        let failure = classify(e, self.store.data().limiter.hit);
+        match &failure {
+            Failure::Interrupted => stats.interruptions.fetch_add(1, Ordering::Relaxed),
+            Failure::MemoryCap => stats.memory_cap_hits.fetch_add(1, Ordering::Relaxed),
+            Failure::Trap(_) => stats.traps.fetch_add(1, Ordering::Relaxed),
+        };
+        failure
     }
 
     /// Create root context `spec` in this VM: `on_context_create(id, 0)`, `on_vm_start`,
