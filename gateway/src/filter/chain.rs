@@ -106,8 +106,8 @@ pub fn reply_response(r: &LocalReply) -> Response<ProxyBody> {
 
 /// Run the request headers (and, if a filter pauses, the buffered body) through the chain.
 /// The streams keep references to `head` (their view for later phases); a filter's edit copies
-/// it only then. When the body to forward is not empty its length may have changed: drop
-/// `content-length` and `transfer-encoding` from the head before sending it.
+/// it only then. A body to forward either streams, kept to the `content-length` the filters
+/// left, or (when a filter held the headers) comes whole: announce its exact length then.
 pub async fn on_request(
     streams: &Streams,
     head: &mut Arc<RequestHead>,
