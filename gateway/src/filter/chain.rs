@@ -429,8 +429,7 @@ fn respond(
         Length::Unchanged => {}
         Length::Exactly(n) => {
             r.headers_mut().remove(http::header::TRANSFER_ENCODING);
-            let told = r.headers().get(http::header::CONTENT_LENGTH);
-            if told.and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) != Some(n) {
+            if content_length(r.headers()) != Some(n as u64) {
                 r.headers_mut()
                     .insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
             }
