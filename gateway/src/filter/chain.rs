@@ -40,7 +40,8 @@ pub type StreamList = smallvec::SmallVec<[HttpStream; 3]>;
 /// What the request callbacks decided.
 pub enum RequestVerdict {
     /// Send upstream with this body. `route_cache_cleared`: a filter changed the request
-    /// headers, so the route must be found again (Envoy's `clearRouteCache`).
+    /// headers (send the head's, not the map the gateway kept) or cleared the route cache, so
+    /// the route must be found again (Envoy's `clearRouteCache`).
     Forward {
         body: ProxyBody,
         route_cache_cleared: bool,
@@ -190,7 +191,7 @@ pub async fn on_request(
     })
 }
 
-/// Whether a filter changed the request headers.
+/// Whether a filter changed the request headers or cleared the route cache.
 fn cleared(streams: &[HttpStream]) -> bool {
     streams.iter().any(HttpStream::route_cache_cleared)
 }
@@ -287,8 +288,12 @@ pub async fn on_response(
     let (parts, mut body) = resp.into_parts();
     let mut head = pool::response_head(|h| {
         h.status = parts.status;
-        h.headers = parts.headers;
+        h.headers = parts.headers.clone();
     });
+    // The upstream's map goes downstream unless a filter edits the headers: it has room for
+    // the connection's next request (see `filtered::request_head`), where the filters' copy
+    // has none.
+    let kept = (parts.status, parts.headers);
     let version = parts.version;
     let eos = body.is_end_stream();
     let n = guard.len();
@@ -307,7 +312,7 @@ pub async fn on_response(
         }
     }
     let Some(paused) = paused_at else {
-        let head = response_head(head);
+        let head = response_head(head, kept, &guard);
         if eos {
             drop(guard);
             return ResponseVerdict::Send(respond(head, version, body, Length::Unchanged));
@@ -392,7 +397,7 @@ pub async fn on_response(
     } else {
         Length::Exactly(data.len())
     };
-    let head = response_head(head);
+    let head = response_head(head, kept, &guard);
     ResponseVerdict::Send(respond(head, version, full(data), length))
 }
 
@@ -405,9 +410,17 @@ enum Length {
     Exactly(usize),
 }
 
-/// The response status and headers to send downstream: the filters' view, copied when the
-/// streams hold it too (they read it in later phases and in `on_log`).
-fn response_head(head: Arc<ResponseHead>) -> (StatusCode, HeaderMap) {
+/// The response status and headers to send downstream: the upstream's (`kept`) when no filter
+/// edited them, else the filters' view, copied when the streams hold it too (they read it in
+/// later phases and in `on_log`).
+fn response_head(
+    head: Arc<ResponseHead>,
+    kept: (StatusCode, HeaderMap),
+    streams: &[HttpStream],
+) -> (StatusCode, HeaderMap) {
+    if !streams.iter().any(HttpStream::response_headers_changed) {
+        return kept;
+    }
     match Arc::try_unwrap(head) {
         Ok(h) => (h.status, h.headers),
         Err(head) => (head.status, head.headers.clone()),

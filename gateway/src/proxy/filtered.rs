@@ -54,7 +54,7 @@ pub async fn serve(
 
     let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let mut head = request_head(&mut parts, conn.tls);
+    let mut head = request_head(&parts, conn.tls);
     // A filter may pause and wait (callouts, or for another context to resume it): the route's
     // timeout bounds that wait.
     let verdict = match route.timeout {
@@ -81,9 +81,12 @@ pub async fn serve(
     };
 
     // The filters may have changed the request: rebuild it from their view. The streams keep
-    // theirs, so this copies the method and headers (the rest is only compared).
+    // theirs, so this copies the method, and the headers if a filter edited them (the rest is
+    // only compared).
     parts.method = head.method.clone();
-    parts.headers = head.headers.clone();
+    if cleared {
+        parts.headers = head.headers.clone();
+    }
     // A body the filters had whole goes on with its length as they left it. One that streams
     // through them keeps the content-length they left (`FilteredBody` keeps to it), or is
     // chunked without one.
@@ -187,12 +190,16 @@ fn stream_info(
 }
 
 /// The request line and headers as the filters see them, in a head a finished request of
-/// this thread left (its strings keep their room). The headers move out of `parts`.
-fn request_head(parts: &mut http::request::Parts, tls: bool) -> Arc<RequestHead> {
+/// this thread left (its strings keep their room). The filters see a copy of the headers:
+/// `parts` keeps the map hyper parsed, which goes upstream unless a filter edits the headers.
+/// That map has room (hyper parses each request of a connection into the map of the last
+/// response it sent), where a copy has none and would grow on the next request's
+/// `x-forwarded-*` headers.
+fn request_head(parts: &http::request::Parts, tls: bool) -> Arc<RequestHead> {
     pool::request_head(|h| fill_request_head(h, parts, tls))
 }
 
-fn fill_request_head(h: &mut RequestHead, parts: &mut http::request::Parts, tls: bool) {
+fn fill_request_head(h: &mut RequestHead, parts: &http::request::Parts, tls: bool) {
     h.method = parts.method.clone();
     h.scheme = if tls { "https" } else { "http" }.into();
     h.authority.clear();
@@ -207,5 +214,5 @@ fn fill_request_head(h: &mut RequestHead, parts: &mut http::request::Parts, tls:
     h.path.clear();
     h.path
         .push_str(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
-    h.headers = std::mem::take(&mut parts.headers);
+    h.headers = parts.headers.clone();
 }

@@ -162,7 +162,10 @@ pub(crate) struct StreamCtx {
     pub response_flags: u64,
     pub filter_state: HashMap<Vec<u8>, Bytes>,
     pub actions: Actions,
+    /// Whether the filter edited the request headers or cleared the route cache.
     pub request_headers_changed: bool,
+    /// Whether the filter edited the response headers (or `:status`).
+    pub response_headers_changed: bool,
     pub local_reply_sent: bool,
     /// Events of the gRPC streams this context opened (made with the first one).
     pub grpc: Option<crate::grpc_stream::Inbox>,
@@ -190,6 +193,7 @@ impl StreamCtx {
             filter_state: HashMap::new(),
             actions: Actions::default(),
             request_headers_changed: false,
+            response_headers_changed: false,
             local_reply_sent: false,
             grpc: None,
         }
@@ -217,6 +221,7 @@ impl StreamCtx {
             filter_state,
             actions,
             request_headers_changed,
+            response_headers_changed,
             local_reply_sent,
             grpc,
         } = self;
@@ -235,6 +240,7 @@ impl StreamCtx {
         filter_state.clear();
         *actions = Actions::default();
         *request_headers_changed = false;
+        *response_headers_changed = false;
         *local_reply_sent = false;
         *grpc = None;
     }

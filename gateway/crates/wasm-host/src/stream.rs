@@ -328,6 +328,13 @@ impl HttpStream {
         self.ctx.as_ref().is_some_and(|c| c.request_headers_changed)
     }
 
+    /// Whether the filter edited the response headers (`:status` included).
+    pub fn response_headers_changed(&self) -> bool {
+        self.ctx
+            .as_ref()
+            .is_some_and(|c| c.response_headers_changed)
+    }
+
     /// Tell the stream which cluster and upstream address were chosen (`xds.cluster_name`,
     /// `upstream.address`, `upstream.port`).
     pub fn set_upstream(&mut self, cluster: impl Into<Arc<str>>, address: Option<SocketAddr>) {

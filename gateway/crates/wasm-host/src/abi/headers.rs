@@ -41,11 +41,15 @@ fn map_of(state: &mut HostState, which: i32) -> Result<Option<MapRef<'_>>, Statu
     })
 }
 
+/// Note an edit of the request or response headers: the gateway then sends the filters' copy
+/// instead of the map it kept (and matches the route again for the request).
 fn mark_changed(state: &mut HostState, which: i32) {
-    if which == map::REQUEST_HEADERS
-        && let Some(s) = state.stream_mut()
-    {
-        s.request_headers_changed = true;
+    if let Some(s) = state.stream_mut() {
+        match which {
+            map::REQUEST_HEADERS => s.request_headers_changed = true,
+            map::RESPONSE_HEADERS => s.response_headers_changed = true,
+            _ => {}
+        }
     }
 }
 
