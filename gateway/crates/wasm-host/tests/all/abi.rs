@@ -305,7 +305,10 @@ async fn initial_memory_over_the_limit_fails_to_instantiate() {
 
 #[test]
 fn compile_cache_on_disk() {
-    let dir = std::env::temp_dir().join(format!("weir-wasm-cache-test-{}", std::process::id()));
+    // Under target/ (Cargo's scratch directory for integration tests), not /tmp: wasmtime's
+    // cache worker may write to the directory after the test has removed it.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("wasm-cache-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let engine = weir_wasm_host::Engine::new(weir_wasm_host::EngineConfig {
         cache_dir: Some(dir.clone()),
@@ -318,6 +321,7 @@ fn compile_cache_on_disk() {
     cfg.vm_id = "cached".into();
     let p = Plugin::new(&engine, cfg, TestEnv::new()).unwrap();
     drop(p);
+    drop(engine);
     let files = walk(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     assert!(files > 0, "the compile cache directory has artefacts");
