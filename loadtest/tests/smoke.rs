@@ -33,3 +33,20 @@ fn smoke_scenario_runs_and_writes_results() {
     );
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// A profile must never be trained on a run without Weir: `train` fails at once when the
+/// binary is missing, where a scenario would skip the contender and carry on.
+#[test]
+fn train_fails_without_a_weir_to_train() {
+    let out = std::env::temp_dir().join(format!("weir-bench-train-test-{}", std::process::id()));
+    let output = Command::new(env!("CARGO_BIN_EXE_weir-bench"))
+        .args(["train", "--weir-bin", "no/such/weir", "--out"])
+        .arg(&out)
+        .output()
+        .expect("weir-bench runs");
+    assert!(!output.status.success(), "train ran without weir");
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("weir binary no/such/weir not found"), "{err}");
+    assert!(!out.join("train.md").exists(), "no results are written");
+    let _ = std::fs::remove_dir_all(&out);
+}

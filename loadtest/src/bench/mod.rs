@@ -59,6 +59,9 @@ pub enum Command {
     All,
     /// A few seconds, no installs: the upstream alone and Weir (when built); fails on errors.
     Smoke,
+    /// Weir alone through every scenario's loads and HTTP/2, one round: the training run of
+    /// `loadtest/pgo.sh` (profile-guided optimisation); fails on errors.
+    Train,
     /// Run the benchmark upstream (same as `weir-bench-upstream`).
     Upstream(Box<UpstreamArgs>),
     /// Run the load generator (same as `weir-load`).
@@ -163,6 +166,7 @@ fn run_scenarios(command: Command, opts: BenchOpts) -> Result<(), String> {
                 Command::Idle { count } => scenarios::idle(&mut env, count).await,
                 Command::All => scenarios::all(&mut env).await,
                 Command::Smoke => scenarios::smoke(&mut env).await,
+                Command::Train => scenarios::train(&mut env).await,
                 Command::Upstream(_) | Command::Load(_) => unreachable!("handled before"),
             }
         };

@@ -210,10 +210,10 @@ impl Env {
 
     fn weir_binary(&self) -> Result<PathBuf, String> {
         if let Some(p) = &self.opts.weir_bin {
-            return if p.is_file() {
-                Ok(p.clone())
-            } else {
-                Err(format!("weir binary {} not found", p.display()))
+            // Absolute: the proxies run in their own work directories.
+            return match std::fs::canonicalize(p) {
+                Ok(abs) if abs.is_file() => Ok(abs),
+                _ => Err(format!("weir binary {} not found", p.display())),
             };
         }
         let mut candidates = Vec::new();
@@ -1109,6 +1109,81 @@ pub async fn all(env: &mut Env) -> Result<ScenarioResult, String> {
     idle(env, 10_000).await
 }
 
+/// Load for profile-guided optimisation (`loadtest/pgo.sh`): Weir alone, no installs, one
+/// round of every scenario's loads (the idle one with 1,000 connections) and of HTTP/2, in
+/// clear and over TLS. Fails when Weir answered nothing or had errors anywhere, so that a
+/// profile is never trained on a broken run.
+pub async fn train(env: &mut Env) -> Result<ScenarioResult, String> {
+    env.opts.no_install = true;
+    env.opts.rounds = 1;
+    env.opts.contenders = vec![Kind::Weir];
+    env.binary(Kind::Weir)?;
+    let mut sections = Vec::new();
+    for result in [
+        small(env).await?,
+        bodies(env).await?,
+        tls(env).await?,
+        routes(env).await?,
+        canary(env).await?,
+        wasm(env).await?,
+        reload(env).await?,
+        h2(env).await?,
+        idle(env, 1_000).await?,
+    ] {
+        sections.extend(result.sections);
+    }
+    if !env.skipped.is_empty() {
+        return Err(format!("training skipped: {}", env.skipped.join("; ")));
+    }
+    let result = env.publish("train", sections)?;
+    check_answered(&result, |s| !s.title.contains("idle connections"))?;
+    Ok(result)
+}
+
+/// HTTP/2 with prior knowledge (h2c) and over TLS (ALPN `h2`), 8 streams per connection.
+async fn h2(env: &mut Env) -> Result<ScenarioResult, String> {
+    let pki = env.pki()?;
+    let (_up, clear) = simple_setup(env, "h2c", |_| {}).await?;
+    let (_up_tls, tls) = simple_setup(env, "h2-tls", |s| {
+        s.tls = Some(TlsSpec {
+            cert: pki.cert.clone(),
+            key: pki.key.clone(),
+        });
+    })
+    .await?;
+    let mut plan = Plan::new(&env.opts, "/");
+    plan.connections = plan.connections.div_ceil(8);
+    plan.streams = 8;
+    plan.protocol = Protocol::H2c;
+    let mut over_tls = plan.clone();
+    over_tls.protocol = Protocol::H2Tls;
+    let sections = vec![
+        env.section("HTTP/2 with prior knowledge (h2c)", &clear, &plan)
+            .await?,
+        env.section("HTTP/2 over TLS", &tls, &over_tls).await?,
+    ];
+    env.publish("h2", sections)
+}
+
+/// An error naming the first section of `result` (of those `check` selects) that has no rows,
+/// or row that answered nothing or had errors or non-2xx answers.
+fn check_answered(result: &ScenarioResult, check: impl Fn(&Section) -> bool) -> Result<(), String> {
+    for s in result.sections.iter().filter(|s| check(s)) {
+        if s.rows.is_empty() {
+            return Err(format!("nothing ran in `{}`", s.title));
+        }
+        for r in &s.rows {
+            if r.rps <= 0.0 || r.errors > 0 || r.non_2xx > 0 {
+                return Err(format!(
+                    "{} failed in `{}`: {} req/s, {} errors, {} non-2xx",
+                    r.contender, s.title, r.rps, r.errors, r.non_2xx
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Seconds long, no installs: the upstream alone and Weir when it is built, closed and open
 /// loop. Fails when a contender answered nothing or had errors.
 pub async fn smoke(env: &mut Env) -> Result<ScenarioResult, String> {
@@ -1129,16 +1204,7 @@ pub async fn smoke(env: &mut Env) -> Result<ScenarioResult, String> {
         env.section("smoke, open loop", &contenders, &open).await?,
     ];
     let result = env.publish("smoke", sections)?;
-    for s in &result.sections {
-        for r in &s.rows {
-            if r.rps <= 0.0 || r.errors > 0 || r.non_2xx > 0 {
-                return Err(format!(
-                    "smoke failed: {} in `{}`: {} req/s, {} errors, {} non-2xx",
-                    r.contender, s.title, r.rps, r.errors, r.non_2xx
-                ));
-            }
-        }
-    }
+    check_answered(&result, |_| true).map_err(|e| format!("smoke failed: {e}"))?;
     Ok(result)
 }
 
