@@ -35,7 +35,9 @@ CARGO_TARGET_DIR=target/pgo-generate cargo build --profile dist --locked -p weir
   --target "$host" --config "target.$host.rustflags=['-Cprofile-generate=$work/raw']"
 
 echo "pgo.sh: training it" >&2
-target/dist/weir-bench train --weir-bin "$PWD/target/pgo-generate/$host/dist/weir" \
+# One file per process (a process killed before it exits writes none).
+LLVM_PROFILE_FILE="$work/raw/weir-%p.profraw" \
+  target/dist/weir-bench train --weir-bin "$PWD/target/pgo-generate/$host/dist/weir" \
   --duration 3s --warmup 1s --out "$work/results" >"$work/train.md"
 n=$(find "$work/raw" -name '*.profraw' | wc -l)
 if [ "$n" -eq 0 ]; then
@@ -43,7 +45,7 @@ if [ "$n" -eq 0 ]; then
   exit 1
 fi
 "$profdata" merge -o "$work/weir.profdata" "$work/raw"
-echo "pgo.sh: merged $n profiles" >&2
+echo "pgo.sh: merged the profiles of $n weir processes" >&2
 
 echo "pgo.sh: building weir with the profile" >&2
 cargo build --profile dist --locked -p weir \
