@@ -10,7 +10,7 @@ COPY . .
 ARG PGO=1
 RUN rustup target add wasm32-wasip1 \
  && if [ "$PGO" = 1 ]; then \
-      rustup component add llvm-tools && bash loadtest/pgo.sh /out/weir; \
+      bash loadtest/pgo.sh /out/weir; \
     else \
       cargo build --profile dist --locked -p weir && mkdir -p /out && cp target/dist/weir /out/weir; \
     fi \

@@ -14,6 +14,8 @@
 # What it gains and costs is measured in loadtest/RESULTS.md ("Profile-guided optimisation").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Every path below is under ./target (the instrumented build sets its own directory).
+unset CARGO_TARGET_DIR
 out=${1:-target/pgo/weir}
 host=$(rustc -vV | sed -n 's/^host: //p')
 profdata="$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata"
