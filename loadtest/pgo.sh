@@ -9,6 +9,8 @@
 #   5. weir's `dist` build again with -Cprofile-use.
 #
 # Usage: bash loadtest/pgo.sh [OUT]    (OUT defaults to target/pgo/weir)
+# With PGO_TRAIN_MORE=CMD, step 3 ends with `CMD INSTRUMENTED_WEIR`, run from the repository's
+# root with the tools of step 1 in target/dist/ (experiments/bare-pgo.sh trains its own path so).
 # Needs: rustup's llvm-tools component (added here if missing) and wasm32-wasip1 (for the
 # built-in filters, as in any build). Takes about three times a `dist` build.
 # What it gains and costs is measured in loadtest/RESULTS.md ("Profile-guided optimisation").
@@ -41,6 +43,11 @@ echo "pgo.sh: training it" >&2
 LLVM_PROFILE_FILE="$work/raw/weir-%p.profraw" \
   target/dist/weir-bench train --weir-bin "$PWD/target/pgo-generate/$host/dist/weir" \
   --duration 3s --warmup 1s --out "$work/results" >"$work/train.md"
+if [ -n "${PGO_TRAIN_MORE:-}" ]; then
+  echo "pgo.sh: more training: $PGO_TRAIN_MORE" >&2
+  LLVM_PROFILE_FILE="$work/raw/weir-%p.profraw" \
+    "$PGO_TRAIN_MORE" "$PWD/target/pgo-generate/$host/dist/weir"
+fi
 n=$(find "$work/raw" -name '*.profraw' | wc -l)
 if [ "$n" -eq 0 ]; then
   echo "pgo.sh: the training wrote no profiles" >&2
