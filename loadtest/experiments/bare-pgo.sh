@@ -15,6 +15,6 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=$(realpath -m "${1:?usage: bare-pgo.sh OUT}")
 src=$(mktemp -d)
 trap 'rm -rf "$src"' EXIT
-git -C "$here" archive HEAD | tar -x -C "$src"
+git -C "$(git -C "$here" rev-parse --show-toplevel)" archive HEAD | tar -x -C "$src"
 patch -d "$src" -p1 --quiet <"$here/bare-host.patch"
 PGO_TRAIN_MORE="$here/bare-train.sh" bash "$src/loadtest/pgo.sh" "$out"
