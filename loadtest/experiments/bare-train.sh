@@ -13,8 +13,9 @@ w=$!
 trap 'kill "$w" "$up" 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do curl -s -o /dev/null http://127.0.0.1:19901/ready && break; sleep 0.1; done
 for path in /f0 /f1 /f3; do
-  line=$(target/dist/weir-load --addr 127.0.0.1:19900 --path "$path" -c 16 -d 4s --warmup 1s \
-    --no-progress | head -1)
+  report=$(target/dist/weir-load --addr 127.0.0.1:19900 --path "$path" -c 16 -d 4s --warmup 1s \
+    --no-progress)
+  line=${report%%$'\n'*}
   echo "bare-train.sh: $path: $line" >&2
   if ! [[ $line =~ \ [1-9][0-9]*\ ok,\ 0\ non-2xx,\ 0\ errors ]]; then
     echo "bare-train.sh: $path failed" >&2
